@@ -1,0 +1,44 @@
+# Two entry points: `make demo` and `make test`. Both install everything first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install system-deps services demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+# Debian packages: the Fashion-MNIST data set (demo, tests) and wrk (bench).
+system-deps:
+	@missing=""; \
+	for p in dataset-fashion-mnist wrk; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The tests use the machine's PostgreSQL (127.0.0.1:5432, database test); start it if it is down.
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
+
+demo: install
+	$(BIN)/frugalserve demo
+
+test: install services
+	$(BIN)/ruff check frugalserve tests bench
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf $(VENV) runs bench/out

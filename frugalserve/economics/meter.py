@@ -1,0 +1,64 @@
+"""Cost attribution: what a batch cost, and each request's exact share of it.
+
+Money is integer pico-dollars (1e-12 USD). Integer micro-dollars, as first designed, round a
+small model's prediction (about 1e-4 micro-dollars on a CPU core) to zero, so nothing could be
+attributed; pico-dollars keep four significant digits there and still sum exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+PICO_PER_USD = 10**12
+PICO_PER_MICRO = 10**6
+
+
+def pico_to_usd(pico: int) -> Decimal:
+    return Decimal(pico) / PICO_PER_USD
+
+
+def pico_to_micro(pico: int) -> float:
+    """For display only (response parameters, tables); sums are always taken in pico-dollars."""
+    return pico / PICO_PER_MICRO
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """Prices busy time on a share of a device: a batch that ran t seconds costs t·P·s/3600."""
+
+    usd_per_hour: Decimal
+    share: float
+    pico_per_second: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share <= 1:
+            raise ValueError(f"device share must be in (0, 1], got {self.share}")
+        rate = float(self.usd_per_hour * PICO_PER_USD / 3600) * self.share
+        object.__setattr__(self, "pico_per_second", rate)
+
+    def cost(self, seconds: float) -> int:
+        return round(seconds * self.pico_per_second)
+
+
+def split_cost(total: int, weights: Sequence[int]) -> list[int]:
+    """Split an integer amount in proportion to weights so that the parts sum to it exactly.
+
+    Each part is floored; the remainder goes one unit at a time to the largest fractional
+    parts (ties to the earliest), so no request pays more than one pico-dollar of rounding.
+    """
+    whole = sum(weights)
+    if whole <= 0:
+        raise ValueError("weights must sum to a positive number")
+    if len(weights) == 1:
+        return [total]
+    parts = [total * w // whole for w in weights]
+    short = total - sum(parts)
+    if short:
+        remainders = sorted(
+            range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i)
+        )
+        for i in remainders[:short]:
+            parts[i] += 1
+    return parts

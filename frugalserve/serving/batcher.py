@@ -1,0 +1,259 @@
+"""Deadline-aware dynamic batching for one model version.
+
+The scheduler (an asyncio task) forms batches; worker threads (one per instance) run them.
+A batch is cut when an instance is free and one of these holds:
+  - it is full (max_batch_size rows);
+  - waiting longer would break the oldest request's deadline, given the measured execution
+    time for the current batch size (deadline = arrival + min(max queue delay, its timeout));
+  - nothing new arrived during two turns of the event loop: the requests that are already
+    on the sockets have joined, and waiting for ones not yet sent only adds latency.
+While every instance is busy, requests simply accumulate, so batches grow with load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any
+
+import numpy as np
+
+from .errors import DeadlineExceeded, Overloaded, Unavailable
+
+_IDLE_TURNS = 2  # loop turns with no arrival before an under-full batch is cut
+
+
+class Pending:
+    """One request waiting for its share of a batch."""
+
+    __slots__ = ("inputs", "rows", "arrival", "deadline", "expires", "future", "context")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, arrival: float, deadline: float,
+                 expires: float | None, future: asyncio.Future, context: Any):
+        self.inputs = inputs
+        self.rows = rows
+        self.arrival = arrival  # perf_counter seconds
+        self.deadline = deadline  # when its batch should be cut at the latest
+        self.expires = expires  # its own timeout: after this it is failed, not served
+        self.future = future
+        self.context = context  # opaque to the batcher: the DataPlane's request
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[Pending]
+    rows: int
+    dispatched: float  # perf_counter when cut
+    started_at: float = 0.0  # epoch seconds when compute began
+    compute_s: float = 0.0
+    outputs: dict[str, np.ndarray] | None = None
+    error: BaseException | None = None
+
+
+class ExecProfile:
+    """Execution seconds per batch size: an EWMA per power-of-two bucket, seeded by a warm-up
+    at load time and refreshed by every batch that runs."""
+
+    def __init__(self, max_batch_size: int, alpha: float = 0.2):
+        self.alpha = alpha
+        self._seconds: list[float | None] = [None] * (max_batch_size.bit_length() + 1)
+
+    @staticmethod
+    def _bucket(rows: int) -> int:
+        return (rows - 1).bit_length()  # 1->0, 2->1, 3..4->2, 5..8->3 ...
+
+    def observe(self, rows: int, seconds: float) -> None:
+        i = min(self._bucket(rows), len(self._seconds) - 1)
+        old = self._seconds[i]
+        self._seconds[i] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def estimate(self, rows: int) -> float:
+        i = min(self._bucket(max(rows, 1)), len(self._seconds) - 1)
+        known = self._seconds[i]
+        if known is not None:
+            return known
+        # nearest measured bucket, scaled by size: an overestimate for batch-friendly engines
+        for step in range(1, len(self._seconds)):
+            for j in (i - step, i + step):
+                if 0 <= j < len(self._seconds) and self._seconds[j] is not None:
+                    return self._seconds[j] * 2.0 ** (i - j)
+        return 0.0
+
+
+class Batcher:
+    def __init__(
+        self,
+        predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        on_batch: Callable[[Batch], None],
+        on_expired: Callable[[Pending], None],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        instances: int = 1,
+        name: str = "model",
+    ):
+        self.predict = predict
+        self.on_batch = on_batch  # called on the loop thread: settles every item's future
+        self.on_expired = on_expired
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.instances = instances
+        self.name = name
+        self.profile = ExecProfile(max_batch_size)
+        self._queue: deque[Pending] = deque()
+        self._rows = 0
+        self._inflight = 0
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Future | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._work: SimpleQueue[Batch | None] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def warm_up(self, example: Callable[[int], dict[str, np.ndarray]], repeats: int = 3) -> None:
+        """Measure execution time at each power-of-two batch size (blocking: call off the loop)."""
+        rows = 1
+        while True:
+            rows = min(rows, self.max_batch_size)
+            feeds = example(rows)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.predict(feeds)
+                self.profile.observe(rows, time.perf_counter() - t0)
+            if rows == self.max_batch_size:
+                return
+            rows *= 2
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.instances)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        for i in range(self.instances):
+            t = threading.Thread(target=self._worker, name=f"{self.name}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._task = asyncio.create_task(self._schedule(), name=f"batcher:{self.name}")
+
+    async def drain(self) -> None:
+        """Refuse new requests, finish every queued and running one, then stop the workers."""
+        self._closed = True
+        assert self._idle is not None and self._task is not None
+        await self._idle.wait()
+        self._task.cancel()
+        for _ in self._threads:
+            self._work.put(None)
+        for t in self._threads:
+            await asyncio.to_thread(t.join)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- hot path ----------------------------------------------------------------------------
+
+    def submit(self, item: Pending) -> None:
+        if self._closed:
+            raise Unavailable(f"model '{self.name}' is unloading")
+        if len(self._queue) >= self.max_queue_size:
+            backlog_s = self.profile.estimate(self.max_batch_size) * (
+                self._rows / self.max_batch_size + 1)
+            raise Overloaded(f"model '{self.name}' queue is full ({self.max_queue_size} requests)",
+                             retry_after_s=max(1, round(backlog_s)))
+        self._queue.append(item)
+        self._rows += item.rows
+        self._idle.clear()
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _schedule(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake = self._loop.create_future()
+                await self._wake
+                self._wake = None
+            await self._slots.acquire()
+            await self._gather()
+            batch = self._take()
+            if batch is None:
+                self._slots.release()
+                self._check_idle()
+                continue
+            self._inflight += 1
+            self._work.put(batch)
+
+    async def _gather(self) -> None:
+        idle_turns = 0
+        queue = self._queue
+        while self._rows < self.max_batch_size:
+            cut_at = queue[0].deadline - self.profile.estimate(self._rows)
+            if time.perf_counter() >= cut_at:
+                return
+            before = len(queue)
+            await asyncio.sleep(0)
+            if len(queue) == before:
+                idle_turns += 1
+                if idle_turns >= _IDLE_TURNS:
+                    return
+            else:
+                idle_turns = 0
+
+    def _take(self) -> Batch | None:
+        items: list[Pending] = []
+        rows = 0
+        now = time.perf_counter()
+        queue = self._queue
+        while queue and rows + queue[0].rows <= self.max_batch_size:
+            item = queue.popleft()
+            self._rows -= item.rows
+            if item.expires is not None and now > item.expires:
+                if not item.future.done():
+                    waited_ms = 1000 * (now - item.arrival)
+                    item.future.set_exception(DeadlineExceeded(
+                        f"request timed out after {waited_ms:.1f} ms in the queue"))
+                self.on_expired(item)
+                continue
+            items.append(item)
+            rows += item.rows
+        return Batch(items, rows, now) if items else None
+
+    def _worker(self) -> None:
+        while (batch := self._work.get()) is not None:
+            items = batch.items
+            if len(items) == 1:
+                feeds = items[0].inputs
+            else:
+                feeds = {name: np.concatenate([it.inputs[name] for it in items])
+                         for name in items[0].inputs}
+            batch.started_at = time.time()
+            t0 = time.perf_counter()
+            try:
+                batch.outputs = self.predict(feeds)
+            except Exception as exc:  # noqa: BLE001 - the engine's failure goes to its requests
+                batch.error = exc
+            batch.compute_s = time.perf_counter() - t0
+            self._loop.call_soon_threadsafe(self._complete, batch)
+
+    def _complete(self, batch: Batch) -> None:
+        self._inflight -= 1
+        self._slots.release()
+        if batch.error is None:
+            self.profile.observe(batch.rows, batch.compute_s)
+        self.on_batch(batch)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._inflight:
+            self._idle.set()

@@ -1,13 +1,24 @@
-"""Wiring: a repository, a rate card and a ledger become one ASGI application."""
+"""Wiring: a repository, a rate card and a ledger become a served V2 endpoint.
+
+`run_server` is what `frugalserve serve` runs (the native HTTP server); `ServerThread` runs the
+same in the background of another program (tests, the demo); `build_app` gives an ASGI app for
+embedding in ASGI servers.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvloop
+
 from .economics.ledger import LedgerWriter, open_engine, sqlite_url
 from .economics.ratecard import RateCard
-from .protocols.v2_rest import DEFAULT_MAX_BODY_BYTES, V2App
+from .protocols.http_server import HttpServer
+from .protocols.v2_rest import DEFAULT_MAX_BODY_BYTES, V2App, V2Handler
 from .repository import ModelRepository
 from .serving import DataPlane
 
@@ -30,13 +41,89 @@ class ServerSettings:
         return sqlite_url(Path(self.repository).resolve().parent / LEDGER_FILE)
 
 
-def build_app(settings: ServerSettings) -> V2App:
+def build_dataplane(settings: ServerSettings) -> DataPlane:
     repository = ModelRepository(settings.repository)
     ledger = None
     if settings.metering:
         engine = open_engine(settings.resolved_ledger_url())
         ledger = LedgerWriter(engine, settings.flush_interval_s,
                               spill_dir=Path(settings.repository).resolve().parent)
-    dataplane = DataPlane(repository, RateCard.load(settings.rate_card), ledger,
-                          settings.poll_interval_s)
-    return V2App(dataplane, settings.max_body_bytes)
+    return DataPlane(repository, RateCard.load(settings.rate_card), ledger,
+                     settings.poll_interval_s)
+
+
+def build_app(settings: ServerSettings) -> V2App:
+    return V2App(build_dataplane(settings), settings.max_body_bytes)
+
+
+def build_server(settings: ServerSettings, host: str, port: int) -> HttpServer:
+    handler = V2Handler(build_dataplane(settings), settings.max_body_bytes)
+    return HttpServer(handler, host, port)
+
+
+def run_server(settings: ServerSettings, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then finish in-flight requests and flush the ledger."""
+    server = build_server(settings, host, port)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+class ServerThread:
+    """The server on a background thread with its own event loop (port 0: a free port)."""
+
+    def __init__(self, settings: ServerSettings, host: str = "127.0.0.1", port: int = 0):
+        self.server = build_server(settings, host, port)
+        self._thread = threading.Thread(target=self._run, name="frugalserve", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+    @property
+    def dataplane(self) -> DataPlane:
+        return self.server.handler.dataplane
+
+    def _run(self) -> None:
+        async def main() -> None:
+            task = asyncio.create_task(self.server.serve())
+            started = asyncio.create_task(self.server.started.wait())
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            self._ready.set()
+            await task
+
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self._error = exc
+            self._ready.set()
+
+    def start(self, timeout_s: float = 120.0) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError("server did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"server failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Graceful: in-flight requests finish, batches drain, the ledger is flushed."""
+        self.server.stop()
+        self._thread.join(timeout_s)
+        if self._error is not None:
+            raise RuntimeError(f"server failed: {self._error}") from self._error
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

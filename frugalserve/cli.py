@@ -32,16 +32,13 @@ def serve(
     log_level: str = typer.Option("info", help="Log level."),
 ) -> None:
     """Serve a model repository over the Open Inference Protocol (V2)."""
-    import uvicorn
-
-    from .app import ServerSettings, build_app
+    from .app import ServerSettings, run_server
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(repository, ledger, rate_card, metering, poll_interval or None,
                               int(max_body_mb * 1024 * 1024))
-    uvicorn.run(build_app(settings), host=host, port=port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", lifespan="on")
+    run_server(settings, host, port)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ shutdown are spilled to a JSON-lines file beside the database (or the working di
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
+from itertools import count
 from pathlib import Path
-from typing import NamedTuple
 
 import orjson
 from sqlalchemy import (
@@ -33,16 +35,27 @@ log = logging.getLogger("frugalserve.ledger")
 
 metadata = MetaData()
 
+# One row per server process that writes to the ledger; its id prefixes every record id the
+# process makes (id = replica << 40 | n), so replicas sharing a database never collide.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("started_at", Float, nullable=False),
+    Column("host", String(256), nullable=False),
+    Column("pid", Integer, nullable=False),
+)
+
 usage = Table(
     "usage",
     metadata,
-    Column("id", String(48), primary_key=True),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
     Column("request_id", String(256)),
     Column("ts", Float, nullable=False, index=True),  # epoch seconds at arrival
     Column("model", String(128), nullable=False),
     Column("version", String(32), nullable=False),
     Column("tenant", String(128), nullable=False),
-    Column("batch_id", String(48)),
+    Column("batch_id", BigInteger),
     Column("batch_size", Integer, nullable=False),  # rows in the batch this request rode in
     Column("items", Integer, nullable=False),  # rows of this request
     Column("queue_ms", Float, nullable=False),
@@ -55,7 +68,7 @@ usage = Table(
 batches = Table(
     "batches",
     metadata,
-    Column("id", String(48), primary_key=True),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
     Column("ts", Float, nullable=False, index=True),  # epoch seconds at start of compute
     Column("model", String(128), nullable=False),
     Column("version", String(32), nullable=False),
@@ -69,40 +82,19 @@ batches = Table(
 )
 
 
-class UsageRecord(NamedTuple):
-    id: str
-    request_id: str | None
-    ts: float
-    model: str
-    version: str
-    tenant: str
-    batch_id: str | None
-    batch_size: int
-    items: int
-    queue_ms: float
-    compute_ms: float
-    total_ms: float
-    cost_pusd: int
-    status: int
-
-
-class BatchRecord(NamedTuple):
-    id: str
-    ts: float
-    model: str
-    version: str
-    device: str
-    pricing: str
-    share: float
-    size: int
-    requests: int
-    compute_ms: float
-    cost_pusd: int
+# Records are plain tuples in column order: a tuple literal costs a tenth of a NamedTuple on
+# the hot path, and executemany takes tuples as they are.
+UsageRecord = tuple
+BatchRecord = tuple
+USAGE_COLUMNS = tuple(c.name for c in usage.columns)
+BATCH_COLUMNS = tuple(c.name for c in batches.columns)
 
 
 def open_engine(url: str) -> Engine:
     """An engine with the schema in place; SQLite files get WAL so readers never block writes."""
     engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name not in ("sqlite", "postgresql"):
+        raise ValueError(f"ledger URL {url!r}: only SQLite and PostgreSQL are supported")
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -120,13 +112,22 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def _insert_sql(engine: Engine, table: Table) -> str:
-    # Plain DB-API executemany on tuples: several times cheaper per row than ORM-style inserts,
+def _insert_sql(table: Table) -> str:
+    # Plain DB-API executemany on tuples: several times cheaper per row than Core inserts,
     # which matters because the writer shares the server's core.
     names = [c.name for c in table.columns]
-    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-    marks = ", ".join([mark] * len(names))
-    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"
+    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+
+
+def _copy_sql(table: Table) -> str:
+    return f"COPY {table.name} ({', '.join(c.name for c in table.columns)}) FROM STDIN"
+
+
+def _register_replica(engine: Engine) -> int:
+    with engine.begin() as conn:
+        result = conn.execute(replicas.insert().values(
+            started_at=time.time(), host=socket.gethostname(), pid=os.getpid()))
+        return int(result.inserted_primary_key[0])
 
 
 class LedgerWriter:
@@ -139,8 +140,9 @@ class LedgerWriter:
         self.spill_dir = spill_dir or Path.cwd()
         self._usage: deque[UsageRecord] = deque()
         self._batches: deque[BatchRecord] = deque()
-        self._usage_sql = _insert_sql(engine, usage)
-        self._batch_sql = _insert_sql(engine, batches)
+        self.replica_id = _register_replica(engine)
+        self.ids = count((self.replica_id << 40) + 1)  # next(ids): a record id, on the loop
+        self._postgres = engine.dialect.name == "postgresql"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.written_usage = 0
@@ -188,11 +190,7 @@ class LedgerWriter:
         if not usage_rows and not batch_rows:
             return True
         try:
-            with self.engine.begin() as conn:
-                if batch_rows:
-                    conn.exec_driver_sql(self._batch_sql, batch_rows)
-                if usage_rows:
-                    conn.exec_driver_sql(self._usage_sql, usage_rows)
+            self._write(((batches, batch_rows), (usage, usage_rows)))
         except Exception as exc:  # noqa: BLE001 - any database failure: keep the rows, retry
             rows = len(usage_rows) + len(batch_rows)
             log.warning("ledger write of %d rows failed, will retry: %s", rows, exc)
@@ -203,12 +201,35 @@ class LedgerWriter:
         self.written_batches += len(batch_rows)
         return True
 
+    def _write(self, work: tuple[tuple[Table, list], ...]) -> None:
+        """One transaction; COPY on PostgreSQL (parsed by the server, not on our core)."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            for table, rows in work:
+                if not rows:
+                    continue
+                if self._postgres:
+                    with cursor.copy(_copy_sql(table)) as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                else:
+                    cursor.executemany(_insert_sql(table), rows)
+            raw.commit()
+        except Exception:
+            raw.rollback()
+            raise
+        finally:
+            raw.close()
+
     def _spill(self) -> None:
         path = self.spill_dir / f"ledger-spill-{int(time.time())}.jsonl"
         with path.open("ab") as out:
-            for kind, rows in (("batch", _drain(self._batches)), ("usage", _drain(self._usage))):
-                for row in rows:
-                    out.write(orjson.dumps({"table": kind, **row._asdict()}) + b"\n")
+            for table, columns, queue in ((batches, BATCH_COLUMNS, self._batches),
+                                          (usage, USAGE_COLUMNS, self._usage)):
+                for row in _drain(queue):
+                    doc = {"table": table.name, **dict(zip(columns, row, strict=True))}
+                    out.write(orjson.dumps(doc) + b"\n")
         log.error("ledger unreachable at shutdown; pending records spilled to %s", path)
 
 

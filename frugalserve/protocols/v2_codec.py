@@ -39,13 +39,15 @@ def decode_request(body: bytes, header_length: int | None, model: str, version: 
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"malformed JSON body: {exc}") from None
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise BadInput("the request body must be a JSON object")
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    if type(raw_inputs) is not list or not raw_inputs:
         raise BadInput("'inputs' must be a non-empty list")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
+    params = doc.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
         raise BadInput("'parameters' must be an object")
 
     inputs: dict[str, np.ndarray] = {}
@@ -59,48 +61,38 @@ def decode_request(body: bytes, header_length: int | None, model: str, version: 
     if blob is not None and offset != len(blob):
         raise BadInput(f"binary data has {len(blob) - offset} bytes no input claims")
 
-    outputs, binary = _requested_outputs(doc.get("outputs"), params)
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is None and not params:
+        outputs, binary, timeout_s = None, False, None
+    else:
+        outputs, binary = _requested_outputs(raw_outputs, params)
+        timeout_s = _timeout(params)
+        params = {k: v for k, v in params.items() if k not in _RESERVED}
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
+    if request_id is not None and type(request_id) is not str:
         raise BadInput("'id' must be a string")
-    return InferenceRequest(
-        model=model, inputs=inputs, version=version, id=request_id,
-        parameters={k: v for k, v in params.items() if k not in _RESERVED} if params else params,
-        outputs=outputs, tenant=tenant, timeout_s=_timeout(params),
-    ), binary
+    return InferenceRequest(model, inputs, version, request_id, params, outputs, tenant,
+                            timeout_s), binary
 
 
 def _decode_tensor(raw: Any, blob: memoryview | None, offset: int) -> tuple[str, np.ndarray, int]:
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         raise BadInput("each input must be an object with name, shape, datatype and data")
     name = raw.get("name")
-    if not isinstance(name, str):
+    if type(name) is not str:
         raise BadInput("an input has no 'name'")
     shape = raw.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if type(shape) is not list or not _is_shape(shape):
         raise BadInput(f"input '{name}': 'shape' must be a list of non-negative integers")
     datatype = raw.get("datatype")
-    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    dtype = DATATYPES.get(datatype) if type(datatype) is str else None
     if dtype is None:
         raise BadInput(f"input '{name}': unknown datatype {datatype!r}; "
                        f"use one of {', '.join(DATATYPES)}")
-    count = math.prod(shape)
-    size = (raw.get("parameters") or {}).get("binary_data_size")
+    params = raw.get("parameters")
+    size = params.get("binary_data_size") if type(params) is dict else None
     if size is not None:
-        if blob is None:
-            raise BadInput(f"input '{name}' has binary_data_size but the request has no "
-                           "Inference-Header-Content-Length header")
-        if type(size) is not int or size < 0 or offset + size > len(blob):
-            raise BadInput(f"input '{name}': binary_data_size {size!r} runs past the body")
-        chunk = blob[offset:offset + size]
-        if datatype == "BYTES":
-            array = _unpack_bytes(chunk, count, name)
-        else:
-            if size != count * dtype.itemsize:
-                raise BadInput(f"input '{name}': {size} bytes do not hold shape {shape} of "
-                               f"{datatype} ({count * dtype.itemsize} bytes)")
-            array = np.frombuffer(chunk, dtype=dtype).reshape(shape)
-        return name, array, size
+        return name, _binary_tensor(name, shape, datatype, dtype, size, blob, offset), size
     data = raw.get("data")
     if data is None:
         raise BadInput(f"input '{name}' has neither 'data' nor binary_data_size")
@@ -113,6 +105,30 @@ def _decode_tensor(raw: Any, blob: memoryview | None, offset: int) -> tuple[str,
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadInput(f"input '{name}': data does not fit shape {shape} as {datatype}: "
                        f"{exc}") from None
+
+
+def _is_shape(shape: list) -> bool:
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return False
+    return True
+
+
+def _binary_tensor(name: str, shape: list[int], datatype: str, dtype: np.dtype, size: Any,
+                   blob: memoryview | None, offset: int) -> np.ndarray:
+    if blob is None:
+        raise BadInput(f"input '{name}' has binary_data_size but the request has no "
+                       "Inference-Header-Content-Length header")
+    if type(size) is not int or size < 0 or offset + size > len(blob):
+        raise BadInput(f"input '{name}': binary_data_size {size!r} runs past the body")
+    chunk = blob[offset:offset + size]
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _unpack_bytes(chunk, count, name)
+    if size != count * dtype.itemsize:
+        raise BadInput(f"input '{name}': {size} bytes do not hold shape {shape} of "
+                       f"{datatype} ({count * dtype.itemsize} bytes)")
+    return np.frombuffer(chunk, dtype=dtype).reshape(shape)
 
 
 def _flatten(data: Any) -> list:
@@ -186,12 +202,14 @@ def encode_response(response: InferenceResponse, binary: BinaryOutputs) -> tuple
         else:
             entry["data"] = np.ascontiguousarray(array).reshape(-1)
         outputs.append(entry)
-    parameters = dict(response.parameters)
-    parameters["cost_micro_usd"] = pico_to_micro(response.cost_pusd)
-    parameters["cost_pico_usd"] = response.cost_pusd
-    parameters["queue_ms"] = round(response.queue_s * 1000, 4)
-    parameters["compute_ms"] = round(response.compute_s * 1000, 4)
-    parameters["batch_size"] = response.batch_size
+    parameters = {
+        **response.parameters,
+        "cost_micro_usd": pico_to_micro(response.cost_pusd),
+        "cost_pico_usd": response.cost_pusd,
+        "queue_ms": round(response.queue_s * 1000, 4),
+        "compute_ms": round(response.compute_s * 1000, 4),
+        "batch_size": response.batch_size,
+    }
     doc: dict[str, Any] = {"model_name": response.model_name,
                            "model_version": response.model_version}
     if response.id is not None:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import count
 
 from .. import __version__
 from ..economics.ledger import LedgerWriter
@@ -53,8 +51,6 @@ class DataPlane:
         self._states: dict[str, tuple[str, str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._fingerprints: dict[str, tuple] = {}
-        self._ids = count()
-        self._id_prefix = secrets.token_hex(4) + "-"
         self._watcher: asyncio.Task | None = None
         self._ready = False
 
@@ -199,15 +195,12 @@ class DataPlane:
         loaded = self.repository.load(name)
         try:
             device = loaded.config.device
-            meter = None
-            if self.ledger is not None:
-                price = self.rate_card.device(device.type).usd_per_hour(device.pricing)
-                meter = Meter(price, device.share)
+            price = self.rate_card.device(device.type).usd_per_hour(device.pricing)
+            meter = Meter(price, device.share) if self.ledger is not None else None
             versions = {}
             for v, lv in loaded.versions.items():
                 stats = self.metrics.for_version(loaded.name, v)
-                served = ServedVersion(loaded.name, lv, loaded.config, meter, stats, self.ledger,
-                                       self._ids, self._id_prefix)
+                served = ServedVersion(loaded.name, lv, loaded.config, meter, stats, self.ledger)
                 served.batcher.warm_up(served.example_inputs)
                 versions[v] = served
         except Exception:

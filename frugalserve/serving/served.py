@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from itertools import count
 
 import numpy as np
 
-from ..economics.ledger import BatchRecord, LedgerWriter, UsageRecord
+from ..economics.ledger import LedgerWriter
 from ..economics.meter import Meter, split_cost
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
 from ..tensors import TensorSpec, datatype_of
@@ -17,22 +16,28 @@ from .metrics import VersionStats
 from .types import InferenceRequest, InferenceResponse
 
 
+def _fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    return all(d == -1 or d == n for d, n in zip(declared[1:], shape[1:], strict=True))
+
+
 class ServedVersion:
     def __init__(self, model: str, loaded: LoadedVersion, config: ModelConfig, meter: Meter | None,
-                 stats: VersionStats, ledger: LedgerWriter | None, ids: count, id_prefix: str):
+                 stats: VersionStats, ledger: LedgerWriter | None):
         self.model = model
         self.version = loaded.version
         self.loaded = loaded
         self.inputs: tuple[TensorSpec, ...] = loaded.inputs
         self.outputs: tuple[TensorSpec, ...] = loaded.outputs
         self._input_names = tuple(s.name for s in self.inputs)
+        # per input: name, dtype, rank, fixed trailing dims (None when some are -1), spec
+        self._checks = tuple(
+            (s.name, s.dtype, len(s.shape), None if -1 in s.shape[1:] else s.shape[1:], s)
+            for s in self.inputs)
         self._output_names = frozenset(s.name for s in self.outputs)
         self.device: DeviceConfig = config.device
         self.meter = meter
         self.stats = stats
         self.ledger = ledger if meter is not None else None
-        self._ids = ids
-        self._prefix = id_prefix
         b = config.batching
         self.max_batch_size = b.max_batch_size
         self.max_queue_delay_s = b.max_queue_delay_ms / 1000
@@ -48,27 +53,31 @@ class ServedVersion:
     def check(self, request: InferenceRequest) -> int:
         """Validate inputs and requested outputs against the signature; return the batch rows."""
         inputs = request.inputs
-        if len(inputs) != len(self.inputs) or any(n not in inputs for n in self._input_names):
-            raise BadInput(f"model '{self.model}' takes inputs {list(self._input_names)}, "
-                           f"got {sorted(inputs)}")
+        if len(inputs) != len(self._checks):
+            raise self._names_error(inputs)
         rows = -1
-        for spec in self.inputs:
-            arr = inputs[spec.name]
-            if arr.dtype != spec.dtype:
-                raise BadInput(f"input '{spec.name}': datatype {datatype_of(arr)} does not match "
+        for name, dtype, ndim, tail, spec in self._checks:
+            arr = inputs.get(name)
+            if arr is None:
+                raise self._names_error(inputs)
+            if arr.dtype != dtype:
+                raise BadInput(f"input '{name}': datatype {datatype_of(arr)} does not match "
                                f"the model's {spec.datatype}")
             shape = arr.shape
-            if len(shape) != len(spec.shape) or any(
-                d != -1 and d != s for d, s in zip(spec.shape[1:], shape[1:], strict=True)
-            ):
-                raise BadInput(f"input '{spec.name}': shape {list(shape)} does not match the "
+            if len(shape) != ndim or (shape[1:] != tail if tail is not None
+                                      else not _fits(shape, spec.shape)):
+                raise BadInput(f"input '{name}': shape {list(shape)} does not match the "
                                f"model's {list(spec.shape)}")
             if rows == -1:
                 rows = shape[0]
             elif shape[0] != rows:
                 raise BadInput("inputs disagree on the batch size (first dimension)")
-            if not spec.allow_nan and arr.dtype.kind == "f" and np.isnan(arr).any():
-                raise BadInput(f"input '{spec.name}' contains NaN, which this model does not allow")
+            # one reduction propagates any NaN; only then pay for the exact test (inf - inf)
+            if not spec.allow_nan and dtype.kind == "f":
+                total = arr.sum()
+                if total != total and np.isnan(arr).any():
+                    raise BadInput(f"input '{name}' contains NaN, which this model does not "
+                                   "allow")
         if rows < 1:
             raise BadInput("the batch is empty (first dimension is 0)")
         if rows > self.max_batch_size:
@@ -80,6 +89,10 @@ class ServedVersion:
                 raise BadInput(f"unknown output(s) {unknown}; the model has "
                                f"{sorted(self._output_names)}")
         return rows
+
+    def _names_error(self, inputs: dict) -> BadInput:
+        return BadInput(f"model '{self.model}' takes inputs {list(self._input_names)}, "
+                        f"got {sorted(inputs)}")
 
     def submit(self, request: InferenceRequest, rows: int, arrival: float, future) -> None:
         deadline = arrival + self.max_queue_delay_s
@@ -95,62 +108,64 @@ class ServedVersion:
     def _finish(self, batch: Batch) -> None:
         items = batch.items
         stats = self.stats
+        compute_s = batch.compute_s
         stats.batches += 1
-        stats.busy_s += batch.compute_s
+        stats.busy_s += compute_s
         stats.batch_size.observe(batch.rows)
-        stats.compute.observe(batch.compute_s)
+        stats.compute.observe(compute_s)
+        ledger = self.ledger
         batch_id = None
-        if self.meter is not None:
-            cost = self.meter.cost(batch.compute_s)
+        if ledger is not None:
+            cost = self.meter.cost(compute_s)
             shares = [cost] if len(items) == 1 else split_cost(cost, [it.rows for it in items])
-            batch_id = f"{self._prefix}b{next(self._ids)}"
-            self.ledger.add_batch(BatchRecord(
-                batch_id, batch.started_at, self.model, self.version, self.device.type,
-                self.device.pricing, self.device.share, batch.rows, len(items),
-                batch.compute_s * 1000, cost))
+            batch_id = next(ledger.ids)
+            ledger.add_batch((batch_id, batch.started_at, self.model, self.version,
+                              self.device.type, self.device.pricing, self.device.share,
+                              batch.rows, len(items), compute_s * 1000, cost))
         else:
             shares = [0] * len(items)
         outputs, error = batch.outputs, batch.error
+        sliced = len(items) > 1
+        dispatched = batch.dispatched
         now = time.perf_counter()
         wall = time.time()
         offset = 0
         for item, share in zip(items, shares, strict=True):
             request: InferenceRequest = item.context
-            queue_s = batch.dispatched - item.arrival
+            future = item.future
+            queue_s = dispatched - item.arrival
+            total_s = now - item.arrival
             if error is not None:
-                status = ModelFailed.status
-                if not item.future.done():
-                    item.future.set_exception(ModelFailed(
+                status = 500
+                if not future.done():
+                    future.set_exception(ModelFailed(
                         f"model '{self.model}' version {self.version} failed: {error}"))
-            elif item.future.done():  # the caller went away; the work was still done and paid
+                stats.errors[status] += 1
+            elif future.done():  # the caller went away; the work was still done and paid
                 status = 499
+                stats.errors[status] += 1
             else:
                 status = 200
-                if len(items) > 1:
+                if sliced:
                     end = offset + item.rows
                     outs = {k: v[offset:end] for k, v in outputs.items()}
                 else:
                     outs = outputs
                 if request.outputs is not None:
                     outs = {k: outs[k] for k in request.outputs}
-                item.future.set_result(InferenceResponse(
+                future.set_result(InferenceResponse(
                     self.model, self.version, outs, request.id, request.parameters, share,
-                    queue_s, batch.compute_s, batch.rows))
-            offset += item.rows
-            total_s = now - item.arrival
-            if status == 200:
+                    queue_s, compute_s, batch.rows))
                 stats.ok += 1
                 stats.queue.observe(queue_s)
                 stats.total.observe(total_s)
-            else:
-                stats.errors[status] += 1
-            if share:
+            offset += item.rows
+            if ledger is not None:
                 stats.cost_pusd[request.tenant] += share
-            if self.ledger is not None:
-                self.ledger.add_usage(UsageRecord(
-                    f"{self._prefix}{next(self._ids)}", request.id, wall - total_s, self.model,
+                ledger.add_usage((
+                    next(ledger.ids), request.id, wall - total_s, self.model,
                     self.version, request.tenant, batch_id, batch.rows, item.rows,
-                    queue_s * 1000, batch.compute_s * 1000, total_s * 1000, share, status))
+                    queue_s * 1000, compute_s * 1000, total_s * 1000, share, status))
 
     def _expired(self, item: Pending) -> None:
         self.reject(item.context, 504, item.arrival)
@@ -160,8 +175,8 @@ class ServedVersion:
         self.stats.errors[status] += 1
         if self.ledger is not None:
             total_s = time.perf_counter() - arrival
-            self.ledger.add_usage(UsageRecord(
-                f"{self._prefix}{next(self._ids)}", request.id, time.time() - total_s, self.model,
+            self.ledger.add_usage((
+                next(self.ledger.ids), request.id, time.time() - total_s, self.model,
                 self.version, request.tenant, None, 0, 0, 0.0, 0.0, total_s * 1000, 0, status))
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray]:

@@ -97,6 +97,9 @@ class ServerThread:
             task = asyncio.create_task(self.server.serve())
             started = asyncio.create_task(self.server.started.wait())
             await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():  # it ended before it listened: raise why (port in use...)
+                started.cancel()
+                task.result()
             self._ready.set()
             await task
 

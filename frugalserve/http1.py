@@ -75,7 +75,9 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def abort(self) -> None:
+    def abort(self, reason: str = "connection aborted") -> None:
+        """Drop the connection now; the request in flight fails with `reason`."""
+        self._fail(ConnectionError(reason))
         if self.transport is not None:
             self.transport.abort()
 
@@ -91,7 +93,7 @@ class HttpConnection(asyncio.Protocol):
                 self._parse()
             except ProtocolError as exc:
                 self._fail(exc)
-                self.abort()
+                self.abort(str(exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -59,8 +59,8 @@ class LoadSpec:
     @property
     def mode(self) -> str:
         if self.rate is None:
-            return f"closed loop x{self.concurrency}"
-        return f"open loop {self.rate:,.0f}/s"
+            return f"closed x{self.concurrency}"
+        return f"Poisson {self.rate:,.0f}/s"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class LoadSummary:
     p99_ms: float
     max_ms: float
     accuracy: float | None  # share of checked responses that were right
-    last_error: str | None
+    last_error: str | None  # the last failure: a transport error or an error response
 
 
 @dataclass
@@ -235,12 +235,23 @@ class _Run:
     def _record(self, i: int, origin: float, status: int, body: bytes) -> None:
         self.latency.append(time.perf_counter() - origin)
         self.status.append(status)
-        self.failed += status != 200
+        if status != 200:
+            self.failed += 1
+            if status != NO_RESPONSE:  # the server's reason, for the summary
+                self.last_error = f"HTTP {status}: {body[:300].decode(errors='replace')}"
         self.index.append(i)
-        check = self.spec.check
-        self.correct.append(int(check(i, body)) if check is not None and status == 200 else -1)
+        self.correct.append(self._check(i, body) if status == 200 else -1)
         if self.bodies is not None:
             self.bodies.append(body)
+
+    def _check(self, i: int, body: bytes) -> int:
+        if self.spec.check is None:
+            return -1
+        try:
+            return int(self.spec.check(i, body))
+        except Exception as exc:  # noqa: BLE001 - a response the check cannot read is wrong
+            self.last_error = f"check failed on a 200 response: {exc!r}"
+            return 0
 
     # -- housekeeping ------------------------------------------------------------------------
 
@@ -252,8 +263,7 @@ class _Run:
             now = time.perf_counter()
             for conn in self.conns:
                 if conn is not None and conn.busy and now - conn.sent_at > timeout:
-                    self.last_error = f"no response within {timeout:g} s"
-                    conn.abort()
+                    conn.abort(f"no response within {timeout:g} s")
 
     async def _tick(self, task) -> None:
         while True:

@@ -203,8 +203,12 @@ class HttpServer:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         await self.handler.dataplane.start()
-        server = await self.loop.create_server(lambda: _Connection(self), self.host, self.port,
-                                               reuse_address=True, backlog=2048)
+        try:
+            server = await self.loop.create_server(lambda: _Connection(self), self.host,
+                                                   self.port, reuse_address=True, backlog=2048)
+        except OSError:
+            await self.handler.dataplane.stop()
+            raise
         self.port = server.sockets[0].getsockname()[1]
         self.started.set()
         log.info("serving on http://%s:%d", self.host, self.port)

@@ -166,13 +166,19 @@ def _requested_outputs(raw: Any, params: dict) -> tuple[list[str] | None, Binary
     all_binary = params.get("binary_data_output") is True
     if raw is None:
         return None, all_binary
-    if not isinstance(raw, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                            for o in raw):
+    if type(raw) is not list:
         raise BadInput("'outputs' must be a list of objects with a 'name'")
-    names = [o["name"] for o in raw]
-    binary = frozenset(o["name"] for o in raw
-                       if (o.get("parameters") or {}).get("binary_data", all_binary) is True)
-    return names, binary
+    names, binary = [], set()
+    for o in raw:
+        if type(o) is not dict or type(o.get("name")) is not str:
+            raise BadInput("'outputs' must be a list of objects with a 'name'")
+        p = o.get("parameters")
+        if p is not None and type(p) is not dict:
+            raise BadInput(f"output '{o['name']}': 'parameters' must be an object")
+        names.append(o["name"])
+        if (p or {}).get("binary_data", all_binary) is True:
+            binary.add(o["name"])
+    return names, frozenset(binary)
 
 
 def _timeout(params: dict) -> float | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..runtimes import RUNTIMES
 from ..tensors import TensorSpec
 
 
@@ -82,9 +83,15 @@ class ModelConfig:
         parameters = raw.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ValueError("parameters must be a mapping")
+        if "name" in raw and str(raw["name"]) != name:
+            raise ValueError(f"name '{raw['name']}' does not match the model folder '{name}' "
+                             "(clients use the folder name; drop the key or make them agree)")
+        runtime = raw.get("runtime")
+        if runtime is not None and runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(sorted(RUNTIMES))}")
         return cls(
-            name=str(raw.get("name", name)),
-            runtime=raw.get("runtime"),
+            name=name,
+            runtime=runtime,
             inputs=_tensors(raw, "inputs"),
             outputs=_tensors(raw, "outputs"),
             batching=batching,

@@ -96,6 +96,10 @@ def _load_version(vdir: Path, config: ModelConfig) -> LoadedVersion:
         runtime = kind(artifact, dict(config.parameters))
     except ModelLoadError as exc:
         raise RepositoryError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad runtime option in config.yaml
+        raise RepositoryError(f"{vdir.parent / CONFIG_FILE}: parameters "
+                              f"{dict(config.parameters)} do not work for "
+                              f"{vdir / kind.filename}: {exc}") from exc
     found_in, found_out = runtime.signature()
     where = vdir.parent / CONFIG_FILE
     try:

@@ -17,6 +17,7 @@ from ..economics.ledger import LedgerWriter
 from ..economics.meter import Meter
 from ..economics.ratecard import RateCard, RateCardError
 from ..repository import LoadedModel, ModelRepository, RepositoryError
+from ..repository.repository import CONFIG_FILE
 from .errors import InferenceError, NotFound, Unavailable
 from .metrics import ServingMetrics
 from .served import ServedVersion
@@ -52,11 +53,13 @@ class DataPlane:
         self._locks: dict[str, asyncio.Lock] = {}
         self._fingerprints: dict[str, tuple] = {}
         self._watcher: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.ledger is not None:
             self.ledger.start()
         for name in await asyncio.to_thread(self.repository.names):
@@ -84,7 +87,7 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         served = self._resolve(request.model, request.version)
         arrival = time.perf_counter()
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         try:
             rows = served.check(request)
             served.submit(request, rows, arrival, future)
@@ -165,7 +168,7 @@ class DataPlane:
                 self._states[name] = (LOADING, "")
             try:
                 entry = await asyncio.to_thread(self._build, name)
-            except (RepositoryError, RateCardError) as exc:
+            except RepositoryError as exc:
                 log.error("cannot load model '%s': %s", name, exc)
                 if name in self._models:
                     self._states[name] = previous or (READY, "")
@@ -195,13 +198,21 @@ class DataPlane:
         loaded = self.repository.load(name)
         try:
             device = loaded.config.device
-            price = self.rate_card.device(device.type).usd_per_hour(device.pricing)
+            try:
+                price = self.rate_card.device(device.type).usd_per_hour(device.pricing)
+            except RateCardError as exc:
+                config_file = self.repository.root / name / CONFIG_FILE
+                raise RepositoryError(f"{config_file}: device: {exc}") from exc
             meter = Meter(price, device.share) if self.ledger is not None else None
             versions = {}
             for v, lv in loaded.versions.items():
                 stats = self.metrics.for_version(loaded.name, v)
                 served = ServedVersion(loaded.name, lv, loaded.config, meter, stats, self.ledger)
-                served.batcher.warm_up(served.example_inputs)
+                try:
+                    served.batcher.warm_up(served.example_inputs)
+                except Exception as exc:  # noqa: BLE001 - any engine failure fails the load
+                    raise RepositoryError(f"{lv.runtime.path}: warm-up prediction on zeros "
+                                          f"failed: {exc}") from exc
                 versions[v] = served
         except Exception:
             loaded.close()

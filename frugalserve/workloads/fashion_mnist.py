@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -86,10 +85,13 @@ def _read_idx(path: Path, magic: int, header: int) -> np.ndarray:
 
 def train_logreg(data: FashionMNIST, progress: Progress, max_iter: int = 100) -> LogisticRegression:
     """Multinomial logistic regression (lbfgs). lbfgs reports no per-iteration progress and
-    restarting it in slices loses its curvature estimate, so the bar pulses until the fit ends."""
+    restarting it in slices loses its curvature estimate, so the bar pulses until the fit ends
+    (Rich refreshes from its own thread)."""
     model = LogisticRegression(max_iter=max_iter)
     task = progress.add_task(f"train fmnist-logreg (lbfgs, {max_iter} iterations)", total=None)
-    _fit_in_thread(model, data.train, progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is the time budget
+        model.fit(data.train.x, data.train.y)
     progress.update(task, total=1, completed=1)
     return model
 
@@ -102,42 +104,22 @@ def train_mlp(data: FashionMNIST, progress: Progress, epochs: int = 15, patience
     classes = np.arange(len(CLASSES))
     rng = np.random.default_rng(seed)
     task = progress.add_task("train fmnist-mlp (128 hidden, adam)", total=epochs)
-    best, best_acc, stale = model, -1.0, 0
-    for epoch in range(epochs):
+    best, best_acc, best_epoch, stale = model, -1.0, 0, 0
+    for epoch in range(1, epochs + 1):
         order = rng.permutation(len(data.train))
         model.partial_fit(data.train.x[order], data.train.y[order], classes=classes)
         acc = float((model.predict(data.validation.x) == data.validation.y).mean())
         progress.update(task, advance=1,
-                        description=f"train fmnist-mlp (epoch {epoch + 1}, val acc {acc:.3f})")
+                        description=f"train fmnist-mlp (epoch {epoch}, val acc {acc:.3f})")
         if acc > best_acc:
-            best, best_acc, stale = copy.deepcopy(model), acc, 0
+            best, best_acc, best_epoch, stale = copy.deepcopy(model), acc, epoch, 0
         else:
             stale += 1
             if stale >= patience:
                 break
-    progress.update(task, completed=epochs)
+    progress.update(task, completed=epochs, description=f"train fmnist-mlp (kept epoch "
+                    f"{best_epoch} of {epoch}, val acc {best_acc:.3f})")
     return best
-
-
-def _fit_in_thread(model, split: Split, progress: Progress) -> None:
-    # The fit runs in a worker so the progress display keeps refreshing; numpy releases the GIL.
-    errors: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model.fit(split.x, split.y)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=fit, name="fit", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
-        progress.refresh()
-    if errors:
-        raise errors[0]
 
 
 def accuracy(predicted: np.ndarray, split: Split) -> float:
@@ -162,7 +144,7 @@ def build_repository(repository: Path, data: FashionMNIST,
     for name, train in trainers:
         t0 = time.perf_counter()
         # One BLAS thread: on a small, shared machine the threaded kernels spin against each
-        # other and the server, and measured 3x slower than one thread for these shapes.
+        # other; for these shapes they measured 3x slower than a single thread.
         with threadpool_limits(1):
             model = train(data, progress)
         train_s = time.perf_counter() - t0

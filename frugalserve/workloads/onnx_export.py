@@ -15,6 +15,7 @@ from skl2onnx import to_onnx
 from ..runtimes.onnx import OnnxRuntime
 
 OPSET = 17
+INPUT_NAME = "X"  # skl2onnx names the input of a model converted from a NumPy sample "X"
 DEFAULT_CONFIG: dict[str, Any] = {
     "batching": {"max_batch_size": 64, "max_queue_delay_ms": 2},
     "device": {"type": "aws-c7i.large", "share": 0.5},

@@ -1,0 +1,232 @@
+"""Dynamic batching: every output goes back to the request that sent its input, batches larger
+than one really form, a full queue sheds with 503 + Retry-After."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import support
+
+
+def _expected(artifacts, which, x):
+    return artifacts.onnx_predict(which, x)
+
+
+def test_500_concurrent_distinct_requests_get_their_own_outputs(server, http, artifacts):
+    """500 requests at once, each with distinct rows (1-3 of them), half JSON and half binary;
+    every response must equal the model's direct onnxruntime output for that request's rows."""
+    n = 500
+    rows_per = [1 + i % 3 for i in range(n)]
+    starts = np.concatenate([[0], np.cumsum(rows_per)[:-1]])
+    inputs = [artifacts.distinct_rows(r, start=int(s)) for r, s in zip(rows_per, starts,
+                                                                        strict=True)]
+    before = support.scrape(http)
+
+    def request(i):
+        x, rid = inputs[i], f"req-{i}"
+        if i % 2:
+            body, headers = support.binary_body({"X": x}, id=rid)
+            return support.Req("POST", "/v2/models/digits/infer", content=body, headers=headers)
+        return support.Req("POST", "/v2/models/digits/infer", json=support.json_body({"X": x},
+                                                                                    id=rid))
+
+    responses = support.run_concurrently(server.url, [request(i) for i in range(n)])
+    batch_sizes = []
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, (i, r.text)
+        doc, outputs = support.decode_response(r)
+        assert doc["id"] == f"req-{i}"
+        assert doc["model_version"] == "2"
+        expected = _expected(artifacts, "mlp", inputs[i])
+        assert outputs["label"].shape == (rows_per[i],)
+        np.testing.assert_array_equal(outputs["label"], expected["label"], err_msg=f"req {i}")
+        support.assert_close(outputs["probabilities"], expected["probabilities"])
+        params = doc["parameters"]
+        assert {"cost_micro_usd", "cost_pico_usd", "queue_ms", "compute_ms"} <= set(params)
+        assert params["cost_pico_usd"] > 0
+        assert params["batch_size"] >= rows_per[i]
+        batch_sizes.append(doc["parameters"]["batch_size"])
+    # batches of more than one request formed ...
+    assert max(batch_sizes) > 3
+    # ... and /metrics saw them: fewer batches than requests, some of them over one row
+    after = support.scrape(http)
+    labels = {"model": "digits", "version": "2"}
+    batches = (after.get("frugalserve_batches_total", **labels)
+               - before.get("frugalserve_batches_total", **labels))
+    assert 0 < batches < n
+    count = (after.get("frugalserve_batch_size_count", **labels)
+             - before.get("frugalserve_batch_size_count", **labels))
+    rows = (after.get("frugalserve_batch_size_sum", **labels)
+            - before.get("frugalserve_batch_size_sum", **labels))
+    assert count == batches
+    assert rows == sum(rows_per)
+    singles = (after.get("frugalserve_batch_size_bucket", le="1.0", **labels)
+               - before.get("frugalserve_batch_size_bucket", le="1.0", **labels))
+    assert singles < count
+
+
+def test_requests_that_queue_behind_a_busy_model_ride_in_one_batch(server, http, artifacts):
+    """Deterministic batching: hold the model on one request, queue 20 more, release; the 20
+    leave together in one batch and each gets its own row's answer."""
+    n = 20
+    x = artifacts.distinct_rows(n, start=700)
+    with support.hold_gate() as hold:
+        first = support.in_thread(lambda: http.post(
+            "/v2/models/gated/infer",
+            json=support.json_body({"input": support.sentinel_row()}, id="first")))
+        hold.wait_entered(1)
+
+        rest = support.in_thread(lambda: support.run_concurrently(server.url, [
+            support.Req("POST", "/v2/models/gated/infer",
+                        json=support.json_body({"input": x[i:i + 1]}, id=f"g{i}"))
+            for i in range(n)]))
+        with server.client() as probe:
+            support.wait_for(lambda: support.queue_depth(probe, "gated") == n,
+                             what="20 queued requests")
+    assert first().status_code == 200
+    responses = rest()
+    expected = artifacts.lr.predict_proba(x).astype(np.float32)
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        doc, outputs = support.decode_response(r)
+        assert doc["id"] == f"g{i}"
+        assert doc["parameters"]["batch_size"] == n
+        support.assert_close(outputs["probabilities"][0], expected[i])
+        assert outputs["label"][0] == artifacts.lr.classes_[expected[i].argmax()]
+    # every request in the batch paid a share: the shares differ by at most one pico-dollar
+    costs = [r.json()["parameters"]["cost_pico_usd"] for r in responses]
+    assert max(costs) - min(costs) <= 1
+
+
+def test_full_queue_sheds_with_503_and_retry_after(server, http, artifacts):
+    """gated_tiny: one instance, max_batch_size 1, max_queue_size 1. With the model held on
+    one request and one more waiting, the next is shed at once."""
+    body = support.json_body({"input": artifacts.X[:1]})
+    with support.hold_gate() as hold:
+        running = support.in_thread(lambda: http.post(
+            "/v2/models/gated_tiny/infer",
+            json=support.json_body({"input": support.sentinel_row()})))
+        hold.wait_entered(1)
+        with server.client() as c2, server.client() as c3:
+            waiting = support.in_thread(lambda: c2.post("/v2/models/gated_tiny/infer",
+                                                        json=body))
+            support.wait_for(lambda: support.queue_depth(c3, "gated_tiny") == 1,
+                             what="one queued request")
+            shed = c3.post("/v2/models/gated_tiny/infer", json=body)
+            assert shed.status_code == 503, shed.text
+            assert int(shed.headers["retry-after"]) >= 1
+            assert set(shed.json()) == {"error"}
+            assert "queue" in shed.json()["error"]
+            support.release_gate()
+            assert running().status_code == 200
+            assert waiting().status_code == 200
+    # the model is fine afterwards
+    assert http.post("/v2/models/gated_tiny/infer", json=body).status_code == 200
+    errors = support.scrape(http).get("frugalserve_errors_total", model="gated_tiny",
+                                      version="1", status="503")
+    assert errors >= 1
+
+
+def test_many_concurrent_requests_against_a_queue_of_one(server, artifacts):
+    """A burst against max_queue_size 1: every answer is a correct 200 or a clean 503."""
+    n = 40
+    x = artifacts.distinct_rows(n, start=1000)
+
+    def request(i):
+        return support.Req("POST", "/v2/models/gated_tiny/infer",
+                           json=support.json_body({"input": x[i:i + 1]}))
+
+    with support.hold_gate() as hold:
+        blocker = support.in_thread(lambda: support.run_concurrently(server.url, [
+            support.Req("POST", "/v2/models/gated_tiny/infer",
+                        json=support.json_body({"input": support.sentinel_row()}))]))
+        hold.wait_entered(1)
+        burst = support.in_thread(lambda: support.run_concurrently(
+            server.url, [request(i) for i in range(n)]))
+        with server.client() as probe:
+            # all but one are shed while the model is held; then let it go
+            support.wait_for(lambda: support.scrape(probe).get(
+                "frugalserve_queue_depth", model="gated_tiny", version="1") == 1,
+                what="the queue to fill")
+    responses = burst()
+    assert blocker()[0].status_code == 200
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1
+    expected = artifacts.lr.predict_proba(x).astype(np.float32)
+    for i, r in enumerate(responses):
+        if r.status_code == 200:
+            _, outputs = support.decode_response(r)
+            support.assert_close(outputs["probabilities"][0], expected[i])
+        else:
+            assert "retry-after" in r.headers
+
+
+def test_request_timeout_in_the_queue_gives_504(server, http, artifacts):
+    """A request whose own timeout (V2 `timeout` parameter, microseconds) passes while it
+    waits is failed with 504 and never computed."""
+    with support.hold_gate() as hold, server.client() as c2, server.client() as probe:
+        running = support.in_thread(lambda: http.post(
+            "/v2/models/gated_tiny/infer",
+            json=support.json_body({"input": support.sentinel_row()})))
+        hold.wait_entered(1)
+        late = support.in_thread(lambda: c2.post(
+            "/v2/models/gated_tiny/infer",
+            json=support.json_body({"input": artifacts.X[:1]}, parameters={"timeout": 1000})))
+        support.wait_for(lambda: support.queue_depth(probe, "gated_tiny") == 1,
+                         what="the request to queue")
+        time.sleep(0.05)  # well past its 1 ms timeout
+        support.release_gate()
+        assert running().status_code == 200
+        r = late()
+    assert r.status_code == 504, r.text
+    assert set(r.json()) == {"error"}
+
+
+def test_a_failing_prediction_is_a_500_and_the_model_keeps_serving(server, http, artifacts):
+    before = support.scrape(http).get("frugalserve_errors_total", model="gated_tiny",
+                                      version="1", status="500")
+    r = http.post("/v2/models/gated_tiny/infer", json=support.json_body(
+        {"input": support.sentinel_row(value=support.FAIL_SENTINEL)}))
+    assert r.status_code == 500
+    assert set(r.json()) == {"error"}
+    assert "gated_tiny" in r.json()["error"] and "asked to fail" in r.json()["error"]
+    ok = http.post("/v2/models/gated_tiny/infer",
+                   json=support.json_body({"input": artifacts.X[:1]}))
+    assert ok.status_code == 200
+    after = support.scrape(http).get("frugalserve_errors_total", model="gated_tiny",
+                                     version="1", status="500")
+    assert after - before == 1
+
+
+def test_concurrent_two_input_requests_are_split_back_correctly(server, artifacts):
+    """Batches of a two-input model concatenate both inputs; every request still gets exactly
+    its own rows of every output (FP32, FP16, BOOL)."""
+    n = 300
+    rng = np.random.default_rng(11)
+    cases = []
+    for i in range(n):
+        rows = 1 + i % 4
+        a = rng.normal(size=(rows, 3)).astype(np.float32)
+        b = rng.integers(-10**6, 10**6, size=(rows, 1)).astype(np.int64)
+        cases.append((a, b))
+    reqs = []
+    for i, (a, b) in enumerate(cases):
+        if i % 2:
+            body, headers = support.binary_body({"a": a, "b": b}, id=str(i))
+            reqs.append(support.Req("POST", "/v2/models/typed/infer", content=body,
+                                    headers=headers))
+        else:
+            reqs.append(support.Req("POST", "/v2/models/typed/infer",
+                                    json=support.typed_json_body({"a": a, "b": b}, id=str(i))))
+    replies = support.run_concurrently(server.url, reqs)
+    sizes = []
+    for i, r in enumerate(replies):
+        assert r.status_code == 200, r.text
+        doc, outputs = support.decode_response(r)
+        assert doc["id"] == str(i)
+        sizes.append(doc["parameters"]["batch_size"])
+        for name, value in artifacts.typed_expected(*cases[i]).items():
+            np.testing.assert_array_equal(outputs[name], value, err_msg=f"{i} {name}")
+    assert max(sizes) > 4

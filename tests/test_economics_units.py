@@ -1,0 +1,226 @@
+"""Unit tests for cost attribution (economics.meter) and the rate card (economics.ratecard)."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+
+from frugalserve.economics.meter import (
+    PICO_PER_USD,
+    Meter,
+    pico_to_micro,
+    pico_to_usd,
+    split_cost,
+)
+from frugalserve.economics.ratecard import RateCard, RateCardError
+
+# -- split_cost ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total,weights", [
+    (0, [1, 2, 3]),
+    (1, [1, 1, 1]),
+    (10, [1, 1, 1]),
+    (100, [3]),
+    (7, [1, 0, 6]),
+    (999_999_999_999, [1, 2, 3, 4, 5, 6, 7]),
+    (12345, [64] * 64),
+    (5, [1] * 17),
+])
+def test_split_cost_sums_exactly(total, weights):
+    parts = split_cost(total, weights)
+    assert len(parts) == len(weights)
+    assert sum(parts) == total
+    assert all(isinstance(p, int) and p >= 0 for p in parts)
+
+
+def test_split_cost_random_inputs_sum_exactly_and_stay_within_one_unit():
+    rng = random.Random(1234)
+    for _ in range(2000):
+        n = rng.randint(1, 40)
+        weights = [rng.randint(0, 64) for _ in range(n)]
+        if sum(weights) == 0:
+            weights[0] = 1
+        total = rng.randint(0, 10**12)
+        parts = split_cost(total, weights)
+        assert sum(parts) == total
+        whole = sum(weights)
+        for part, w in zip(parts, weights, strict=True):
+            exact = Fraction(total * w, whole)
+            # each share is its exact proportional amount, floored or raised by one unit
+            assert exact - 1 < part < exact + 1
+            assert part in (total * w // whole, total * w // whole + 1)
+
+
+def test_split_cost_is_proportional_when_it_divides():
+    assert split_cost(600, [1, 2, 3]) == [100, 200, 300]
+    assert split_cost(1000, [5, 5]) == [500, 500]
+    assert split_cost(0, [4, 4]) == [0, 0]
+    # a zero weight pays nothing
+    assert split_cost(90, [0, 1, 2]) == [0, 30, 60]
+
+
+def test_split_cost_gives_remainder_to_largest_fractional_parts():
+    # 10 * [1, 2, 4] / 7 = [1.43, 2.86, 5.71]: floors [1, 2, 5] sum 8; the two units go to the
+    # parts with the largest remainders (0.86 and 0.71), not to the first ones
+    assert split_cost(10, [1, 2, 4]) == [1, 3, 6]
+    # 100 * [1, 1, 1] / 3: equal remainders, the single unit goes to the earliest
+    assert split_cost(100, [1, 1, 1]) == [34, 33, 33]
+    # 2 units over four equal parts: ties to the earliest
+    assert split_cost(2, [1, 1, 1, 1]) == [1, 1, 0, 0]
+    # 7 * [3, 1, 3] / 7 = [3, 1, 3]: exact, no remainder
+    assert split_cost(7, [3, 1, 3]) == [3, 1, 3]
+    # 11 * [2, 3, 5] / 10 = [2.2, 3.3, 5.5]: floors [2, 3, 5], the unit goes to 5.5
+    assert split_cost(11, [2, 3, 5]) == [2, 3, 6]
+
+
+def test_split_cost_single_weight_takes_everything():
+    assert split_cost(123, [7]) == [123]
+
+
+@pytest.mark.parametrize("weights", [[], [0], [0, 0]])
+def test_split_cost_rejects_weights_without_a_positive_sum(weights):
+    with pytest.raises(ValueError):
+        split_cost(100, weights)
+
+
+# -- Meter ----------------------------------------------------------------------------------------
+
+
+def test_meter_cost_is_seconds_times_hourly_price_times_share():
+    # 3.6 USD/h is exactly 0.001 USD (1e9 pico-dollars) per second of a whole device
+    whole = Meter(Decimal("3.6"), 1.0)
+    assert whole.cost(1.0) == 10**9
+    assert whole.cost(0.5) == 5 * 10**8
+    assert whole.cost(0.0) == 0
+    half = Meter(Decimal("3.6"), 0.5)
+    assert half.cost(1.0) == 5 * 10**8
+    assert half.cost(2.0) == 10**9
+
+
+def test_meter_cost_matches_the_cost_model_formula():
+    price = Decimal("0.08925")  # aws-c7i.large on demand
+    meter = Meter(price, 0.5)
+    for seconds in (1e-6, 5e-5, 0.001, 0.0123, 1.0, 3600.0):
+        expected = Decimal(str(seconds)) * price * Decimal("0.5") / 3600 * PICO_PER_USD
+        assert meter.cost(seconds) == pytest.approx(float(expected), rel=1e-9, abs=1)
+        assert isinstance(meter.cost(seconds), int)
+    # an hour of half a device costs half the hourly price
+    assert meter.cost(3600.0) == int(price * PICO_PER_USD / 2)
+
+
+def test_meter_cost_of_a_tiny_batch_is_not_rounded_to_zero():
+    # a 50-microsecond batch on half a cheap CPU instance: about 620 pico-dollars
+    assert Meter(Decimal("0.08925"), 0.5).cost(50e-6) > 0
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
+def test_meter_rejects_a_share_outside_0_1(share):
+    with pytest.raises(ValueError, match="share"):
+        Meter(Decimal("1"), share)
+
+
+def test_pico_conversions():
+    assert pico_to_usd(PICO_PER_USD) == Decimal(1)
+    assert pico_to_usd(1) == Decimal("1e-12")
+    assert pico_to_micro(2_500_000) == 2.5
+
+
+# -- Rate card ------------------------------------------------------------------------------------
+
+
+def test_shipped_rate_card_has_priced_sourced_devices():
+    card = RateCard.load()
+    assert "aws-c7i.large" in card.devices
+    for key, device in card.devices.items():
+        assert device.key == key
+        assert device.on_demand_usd_per_hour > 0
+        assert device.source and device.date
+    c7i = card.device("aws-c7i.large")
+    assert c7i.usd_per_hour() == Decimal("0.08925")
+    assert c7i.usd_per_hour("spot") == Decimal("0.0357")
+
+
+def test_unknown_device_gives_a_clear_error():
+    card = RateCard.load()
+    with pytest.raises(RateCardError) as info:
+        card.device("no-such-device")
+    message = str(info.value)
+    assert "no-such-device" in message
+    assert "aws-c7i.large" in message  # it says what the card does have
+
+
+def test_unknown_pricing_basis_gives_a_clear_error():
+    with pytest.raises(RateCardError, match="reserved"):
+        RateCard.load().device("aws-c7i.large").usd_per_hour("reserved")
+
+
+def test_override_file_replaces_a_device_and_adds_one(tmp_path):
+    override = tmp_path / "rates.yaml"
+    override.write_text(
+        "devices:\n"
+        "  aws-c7i.large:\n"
+        "    on_demand_usd_per_hour: '0.05'\n"
+        "    source: negotiated contract\n"
+        "    date: '2025-07-01'\n"
+        "  onprem-box:\n"
+        "    kind: cpu\n"
+        "    description: our own server\n"
+        "    on_demand_usd_per_hour: '0.02'\n"
+        "    spot_usd_per_hour: '0.01'\n"
+        "    watts: 200\n"
+        "    source: capex / 3 years + power\n"
+        "    date: '2025-07-01'\n"
+    )
+    shipped = RateCard.load()
+    card = RateCard.load(override)
+    replaced = card.device("aws-c7i.large")
+    assert replaced.on_demand_usd_per_hour == Decimal("0.05")
+    assert replaced.source == "negotiated contract"
+    # the entry is replaced as a whole: the shipped spot price does not leak into it
+    assert replaced.spot_usd_per_hour is None
+    added = card.device("onprem-box")
+    assert added.usd_per_hour() == Decimal("0.02")
+    assert added.usd_per_hour("spot") == Decimal("0.01")
+    assert added.watts == 200
+    # every other shipped device is still there, unchanged
+    for key, device in shipped.devices.items():
+        if key != "aws-c7i.large":
+            assert card.device(key) == device
+    assert set(card.devices) == set(shipped.devices) | {"onprem-box"}
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("devices: [1, 2]\n", "devices"),
+    ("not: a card\n", "devices"),
+    ("devices:\n  x:\n    on_demand_usd_per_hour: '1'\n", "lacks"),
+    ("devices:\n  x:\n    on_demand_usd_per_hour: 'cheap'\n    source: s\n    date: d\n",
+     "not a price"),
+    ("devices:\n  x:\n    on_demand_usd_per_hour: '-1'\n    source: s\n    date: d\n",
+     "negative"),
+    ("devices: {x: [unclosed\n", "YAML"),
+])
+def test_bad_override_file_names_the_file_and_the_problem(tmp_path, text, expect):
+    override = tmp_path / "bad-rates.yaml"
+    override.write_text(text)
+    with pytest.raises(RateCardError) as info:
+        RateCard.load(override)
+    assert str(override) in str(info.value)
+    assert expect in str(info.value)
+
+
+def test_missing_override_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(RateCardError, match="nope.yaml"):
+        RateCard.load(missing)
+
+
+def test_device_without_spot_price_says_so(tmp_path):
+    override = tmp_path / "rates.yaml"
+    override.write_text("devices:\n  box:\n    on_demand_usd_per_hour: '1'\n"
+                        "    source: s\n    date: d\n")
+    with pytest.raises(RateCardError, match="spot"):
+        RateCard.load(override).device("box").usd_per_hour("spot")

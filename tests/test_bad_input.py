@@ -367,3 +367,13 @@ def test_strings_for_a_number_tensor(http):
     doc = _typed()
     doc["inputs"][0]["data"] = ["0.5", "0.5", "0.5"]
     assert_error(http.post("/v2/models/typed/infer", json=doc), 400, "a")
+
+
+def test_a_number_too_large_for_fp32_is_refused_not_made_infinite(http):
+    doc = _typed()
+    doc["inputs"][0]["data"] = [0.5, 1e40, 0.5]
+    assert_error(http.post("/v2/models/typed/infer", json=doc), 400, "out of range")
+
+
+def test_an_integer_too_large_for_int64_is_refused(http):
+    assert_error(http.post("/v2/models/typed/infer", json=_typed(b_data=[2**70])), 400, "b")

@@ -10,6 +10,7 @@ graceful shutdown (in-flight requests finish) are handled; the ASGI app remains 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import deque
 from http import HTTPStatus
@@ -210,6 +211,10 @@ class HttpServer:
             await self.handler.dataplane.stop()
             raise
         self.port = server.sockets[0].getsockname()[1]
+        # Everything loaded so far (engines, models, libraries) lives as long as the server:
+        # keep it out of the cyclic GC, whose full passes over it stalled requests by ~70 ms.
+        gc.collect()
+        gc.freeze()
         self.started.set()
         log.info("serving on http://%s:%d", self.host, self.port)
         try:

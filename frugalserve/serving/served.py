@@ -123,7 +123,7 @@ class ServedVersion:
             ledger.add_batch((batch_id, batch.started_at, self.model, self.version,
                               self.device.type, self.device.pricing, self.device.share,
                               batch.rows, len(items), compute_s * 1000, cost))
-            records: list[list] = []
+            records: list[tuple] = []
         else:
             shares = [0] * len(items)
         outputs, error = batch.outputs, batch.error
@@ -164,11 +164,12 @@ class ServedVersion:
             offset += item.rows
             if ledger is not None:
                 stats.cost_pusd[request.tenant] += share
-                records.append([next(ledger.ids), request.id, wall - total_s, request.tenant,
-                                item.rows, queue_s * 1000, total_s * 1000, share, status])
+                # tuples of atoms: the GC stops tracking them, so waiting records cost it nothing
+                records.append((next(ledger.ids), request.id, wall - total_s, request.tenant,
+                                item.rows, queue_s * 1000, total_s * 1000, share, status))
         if ledger is not None:
             ledger.add_usage((next(ledger.ids), records[0][2], self.model, self.version,
-                              batch_id, batch.rows, compute_s * 1000, records))
+                              batch_id, batch.rows, compute_s * 1000, tuple(records)))
 
     def _expired(self, item: Pending) -> None:
         self.reject(item.context, 504, item.arrival)
@@ -180,10 +181,10 @@ class ServedVersion:
         if ledger is not None:
             total_s = time.perf_counter() - arrival
             ts = time.time() - total_s
-            record = [next(ledger.ids), request.id, ts, request.tenant, 0, 0.0, total_s * 1000,
-                      0, status]
+            record = (next(ledger.ids), request.id, ts, request.tenant, 0, 0.0, total_s * 1000,
+                      0, status)
             ledger.add_usage((next(ledger.ids), ts, self.model, self.version, None, 0, 0.0,
-                              [record]))
+                              (record,)))
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
         """Zeros of the declared shapes, for warm-up."""

@@ -123,7 +123,8 @@ def _typed(values: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
             raise BadInput(f"input '{name}': a value is out of range for {datatype}")
-    array = values.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below as a 400
+        array = values.astype(dtype)
     # JSON has no infinities, so one here is an overflow (1e40 as FP32); a finite sum rules
     # that out in one reduction
     if kinds == "iuf" and not np.isfinite(np.add.reduce(array, None)) and np.isinf(array).any():

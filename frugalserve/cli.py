@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .economics.ratecard import RateCard
+    from .economics.training import TrainingEstimate, TrainingRun, TrainingTotals
 
 app = typer.Typer(help="Serve ML models at the lowest cost that meets your targets.",
                   no_args_is_help=True, add_completion=False)
@@ -113,6 +122,173 @@ def demo(
         raise typer.Exit(1) from exc
     show_demo(result, console)
 
+
+# -- training runs ------------------------------------------------------------------------------
+
+training_app = typer.Typer(help="Training runs in the ledger: add one done elsewhere, estimate a "
+                           "large one from 6ND, list them.", no_args_is_help=True)
+app.add_typer(training_app, name="training")
+
+LEDGER_HELP = ("Ledger database URL (default: $FRUGALSERVE_LEDGER, else ./frugalserve-ledger.db), "
+               "e.g. postgresql+psycopg://user@host/db")
+RATE_CARD_HELP = "YAML with device prices that override the shipped rate card."
+PRICING_HELP = "Pricing basis: on_demand, spot or on_prem."
+
+
+@training_app.command("add")
+def training_add(
+    model: str = typer.Option(..., "--model", "-m", help="Model name."),
+    version: str = typer.Option(..., "--version", "-v", help="Model version it produced."),
+    device: str = typer.Option(..., help="Rate-card device, e.g. nvidia-a100-80gb."),
+    hours: float = typer.Option(..., help="Wall-clock hours the run took."),
+    gpus: int = typer.Option(1, "--gpus", "--devices", help="How many of the device it held."),
+    pricing: str = typer.Option("on_demand", help=PRICING_HELP),
+    share: float = typer.Option(1.0, help="Share of each device it held, in (0, 1]."),
+    started: datetime = typer.Option(None, help="When it started (default: it ended now)."),
+    notes: str = typer.Option(None, help="Free text kept with the run."),
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+    rate_card: Path = typer.Option(None, help=RATE_CARD_HELP),
+) -> None:
+    """Record a training run done elsewhere: its cost is device-hours x the rate card's $/h."""
+    from rich.console import Console
+
+    from .economics import training
+
+    try:
+        run = training.imported_run(
+            _rate_card(rate_card), model=model, version=version, device=device, hours=hours,
+            devices=gpus, pricing=pricing, share=share, notes=notes,
+            started_at=None if started is None else _epoch(started))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run_id = training.record_run(training.open_ledger(ledger), run)
+    Console().print(f"training run {run_id} recorded: {model} v{version}, {gpus} x {device}, "
+                    f"{run.device_hours:,.1f} device-hours, {pricing}, "
+                    f"{_usd(run.cost_usd)}")
+
+
+@training_app.command("estimate")
+def training_estimate(
+    device: str = typer.Option(..., help="Rate-card device, e.g. nvidia-a100-80gb."),
+    params: float = typer.Option(None, "--params", "-N", help="Parameters N, e.g. 70e9."),
+    tokens: float = typer.Option(None, "--tokens", "-D", help="Training tokens D, e.g. 2e12."),
+    mfu: float = typer.Option(None, help="Model FLOPs utilization (default: the 0.435 that "
+                              "Llama 2 70B's published GPU-hours imply)."),
+    gpu_hours: float = typer.Option(None, help="Device-hours, when known (instead of --mfu)."),
+    gpus: int = typer.Option(1, "--gpus", "--devices", help="Devices in parallel: sets the "
+                             "wall-clock time, not the cost."),
+    pricing: str = typer.Option("on_demand", help=PRICING_HELP),
+    record: bool = typer.Option(False, help="Record the estimate as a training run."),
+    model: str = typer.Option(None, "--model", "-m", help="With --record: the model."),
+    version: str = typer.Option(None, "--version", "-v", help="With --record: its version."),
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+    rate_card: Path = typer.Option(None, help=RATE_CARD_HELP),
+) -> None:
+    """Estimate a large training run: FLOPs = 6ND, device-hours = FLOPs / (peak x MFU)."""
+    from rich.console import Console
+
+    from .economics import training
+
+    if record and not (model and version):
+        raise typer.BadParameter("--record needs --model and --version")
+    try:
+        estimate = training.estimate_training(
+            _rate_card(rate_card), device, params=params, tokens=tokens, mfu=mfu,
+            gpu_hours=gpu_hours, devices=gpus, pricing=pricing)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console = Console()
+    console.print(_estimate_table(estimate))
+    if record:
+        run_id = training.record_run(training.open_ledger(ledger),
+                                     estimate.as_run(model, version))
+        console.print(f"recorded as training run {run_id} of {model} v{version}")
+
+
+@training_app.command("list")
+def training_list(
+    model: str = typer.Option(None, "--model", "-m", help="Only this model."),
+    version: str = typer.Option(None, "--version", "-v", help="Only this version."),
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+) -> None:
+    """Show the training runs in the ledger, with their total."""
+    from rich.console import Console
+
+    from .economics import training
+
+    runs = training.training_runs_for(training.open_ledger(ledger), model, version)
+    console = Console()
+    if not console.is_terminal:  # piped to a file: keep the columns unwrapped
+        console.width = max(console.width, 140)
+    console.print(_runs_table(runs, training.training_totals(runs)))
+
+
+def _rate_card(path: Path | None) -> RateCard:
+    from .economics.ratecard import RateCard
+
+    return RateCard.load(path)
+
+
+def _epoch(when: datetime) -> float:
+    # a time without a zone is taken as UTC, as the ledger's epoch seconds are
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _usd(amount: Decimal) -> str:
+    from .reports import format_usd
+
+    return f"${amount:,.2f}" if amount >= 1000 else format_usd(amount, 4)
+
+
+def _qty(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _estimate_table(e: TrainingEstimate) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"training estimate: {e.device}, {e.pricing}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    mfu = "-" if e.mfu is None else f"{e.mfu:.3f}" + (" (Llama 2 70B)" if e.mfu_is_default else "")
+    rows = [
+        ("parameters N", "-" if e.params is None else f"{e.params:.3g}"),
+        ("tokens D", "-" if e.tokens is None else f"{e.tokens:.3g}"),
+        ("FLOPs (6ND)", "-" if e.flops is None else f"{e.flops:.3e}"),
+        ("peak FLOP/s per device", "-" if e.peak_flops is None else f"{e.peak_flops:.3e}"),
+        ("MFU", mfu),
+        ("device-hours", f"{e.device_hours:,.0f}"),
+        (f"wall-clock on {e.devices:,}", f"{e.wall_hours:,.1f} h ({e.wall_hours / 24:,.1f} d)"),
+        ("$ per device-hour", _usd(e.usd_per_hour)),
+        ("cost", _usd(e.cost_usd)),
+        ("energy (devices, estimate)", f"{e.energy_kwh:,.0f} kWh"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _runs_table(runs: list[TrainingRun], totals: TrainingTotals) -> Table:
+    from rich.table import Table
+
+    table = Table(title="training runs")
+    for name in ("id", "started (UTC)", "model", "source", "device", "pricing", "device-h",
+                 "CPU s", "peak RSS", "kWh", "cost"):
+        numeric = name in ("id", "device-h", "CPU s", "peak RSS", "kWh", "cost")
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=name == "device")
+    for r in runs:
+        table.add_row(
+            str(r.id), datetime.fromtimestamp(r.started_at, UTC).strftime("%Y-%m-%d %H:%M"),
+            f"{r.model} v{r.version}", r.source if r.status == "ok" else f"{r.source}, {r.status}",
+            r.device if r.devices == 1 else f"{r.devices} x {r.device}", r.pricing,
+            _qty(r.device_hours), "-" if r.cpu_s is None else f"{r.cpu_s:,.2f}",
+            "-" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 2**20:,.0f} MiB",
+            _qty(r.energy_kwh), _usd(r.cost_usd))
+    table.add_section()
+    table.add_row("", "", f"{totals.runs} runs", f"{totals.failed} failed" if totals.failed
+                  else "", "", "", _qty(totals.device_hours), "", "",
+                  _qty(totals.energy_kwh), _usd(totals.cost_usd()))
+    return table
 
 if __name__ == "__main__":
     app()

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections import deque
+from decimal import Decimal
 from itertools import count
 from pathlib import Path
 
@@ -24,10 +25,14 @@ from sqlalchemy import (
     Column,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Table,
+    Text,
+    TypeDecorator,
     column,
     create_engine,
     event,
@@ -117,6 +122,58 @@ batches = Table(
     Column("requests", Integer, nullable=False),
     Column("compute_ms", Float, nullable=False),
     Column("cost_pusd", BigInteger, nullable=False),
+)
+
+
+
+class PicoAmount(TypeDecorator):
+    """Integer pico-dollars of any size. BIGINT stops at 9.2e18 pico-dollars ($9.2 million),
+    less than one large training run costs (Llama 2 70B on demand: $8.7 million; a 400B model:
+    hundreds of millions), so: exact NUMERIC(38, 0) on PostgreSQL, decimal text on SQLite, whose
+    integers are 64-bit too. On SQLite, sum these in Python (SQL SUM would go through floats)."""
+
+    impl = Numeric(38, 0)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(40))
+        return dialect.type_descriptor(Numeric(38, 0))
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        return str(int(value)) if dialect.name == "sqlite" else Decimal(int(value))
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else int(value)
+
+
+# One row per training job: measured here (`track_training`), imported from elsewhere
+# (`frugalserve training add`), or estimated from 6ND (`frugalserve training estimate --record`).
+# A model version's training cost is the sum of its rows (see economics.training).
+training_runs = Table(
+    "training_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(128), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("pricing", String(16), nullable=False),
+    Column("devices", Integer, nullable=False),  # how many of the device the run held
+    Column("share", Float, nullable=False),  # of each device, as in a model's config
+    Column("started_at", Float, nullable=False),  # epoch seconds
+    Column("wall_s", Float, nullable=False),
+    Column("cpu_s", Float),  # null: not measured (imported, estimated)
+    Column("gpu_s", Float),  # GPU-seconds held; null: no GPU or not measured
+    Column("peak_rss_bytes", BigInteger),
+    Column("energy_kwh", Float, nullable=False),  # an estimate: device watts x time
+    Column("cost_pusd", PicoAmount, nullable=False),
+    Column("source", String(16), nullable=False),  # measured | imported | estimated
+    Column("status", String(16), nullable=False),  # ok | failed (a failed run is still paid)
+    Column("params", JSON().with_variant(JSONB(), "postgresql")),  # N, D, FLOPs, MFU, ...
+    Column("notes", Text),
+    Index("ix_training_runs_model_version", "model", "version"),
 )
 
 

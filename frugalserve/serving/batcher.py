@@ -3,10 +3,12 @@
 The scheduler (an asyncio task) forms batches; worker threads (one per instance) run them.
 A batch is cut when an instance is free and one of these holds:
   - it is full (max_batch_size rows);
-  - waiting longer would break the oldest request's deadline, given the measured execution
-    time for the current batch size (deadline = arrival + min(max queue delay, its timeout));
-  - nothing new arrived during two turns of the event loop: the requests that are already
-    on the sockets have joined, and waiting for ones not yet sent only adds latency.
+  - waiting longer would break the oldest request's deadline: its max queue delay (time in
+    the queue, as Triton's), or its own timeout (time to its answer, so the measured
+    execution time of the current batch size is subtracted);
+  - the queue has gone quiet: no arrival during two turns of the event loop and for a
+    quarter of the batch's own execution time. A lone request on a small model leaves at
+    once; on a heavy model, requests a few hundred microseconds apart still share a batch.
 While every instance is busy, requests simply accumulate, so batches grow with load.
 """
 
@@ -25,7 +27,8 @@ import numpy as np
 
 from .errors import DeadlineExceeded, Overloaded, Unavailable
 
-_IDLE_TURNS = 2  # loop turns with no arrival before an under-full batch is cut
+_IDLE_TURNS = 2  # loop turns with no arrival before an under-full batch may be cut
+_PATIENCE = 0.25  # ... and quiet for this share of the batch's measured execution time
 
 
 class Pending:
@@ -38,8 +41,8 @@ class Pending:
         self.inputs = inputs
         self.rows = rows
         self.arrival = arrival  # perf_counter seconds
-        self.deadline = deadline  # when its batch should be cut at the latest
-        self.expires = expires  # its own timeout: after this it is failed, not served
+        self.deadline = deadline  # its max queue delay ends: cut its batch by then
+        self.expires = expires  # its own timeout: answer by then; after it, failed unserved
         self.future = future
         self.context = context  # opaque to the batcher: the DataPlane's request
 
@@ -195,20 +198,30 @@ class Batcher:
             self._work.put(batch)
 
     async def _gather(self) -> None:
-        idle_turns = 0
         queue = self._queue
+        idle_turns = 0
         while self._rows < self.max_batch_size:
-            cut_at = queue[0].deadline - self.profile.estimate(self._rows)
+            cut_at = self._cut_at(queue[0])
             if time.perf_counter() >= cut_at:
                 return
             before = len(queue)
             await asyncio.sleep(0)
-            if len(queue) == before:
-                idle_turns += 1
-                if idle_turns >= _IDLE_TURNS:
-                    return
-            else:
+            if len(queue) != before:
                 idle_turns = 0
+                continue
+            idle_turns += 1
+            if idle_turns < _IDLE_TURNS:
+                continue
+            patience = self.profile.estimate(self._rows) * _PATIENCE
+            quiet = time.perf_counter() - queue[-1].arrival
+            if quiet >= patience:
+                return
+            await asyncio.sleep(min(patience - quiet, cut_at - time.perf_counter()))
+
+    def _cut_at(self, oldest: Pending) -> float:
+        if oldest.expires is None:
+            return oldest.deadline
+        return min(oldest.deadline, oldest.expires - self.profile.estimate(self._rows))
 
     def _take(self) -> Batch | None:
         items: list[Pending] = []

@@ -10,6 +10,7 @@ from ..economics.ledger import LedgerWriter
 from ..economics.meter import Meter, split_cost
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
 from ..tensors import TensorSpec, datatype_of
+from .admission import settle
 from .batcher import Batch, Batcher, Pending
 from .errors import BadInput, ModelFailed
 from .metrics import VersionStats
@@ -97,13 +98,9 @@ class ServedVersion:
                         f"got {sorted(inputs)}")
 
     def submit(self, request: InferenceRequest, rows: int, arrival: float, future) -> None:
-        deadline = arrival + self.max_queue_delay_s
-        expires = None
-        if request.timeout_s is not None:
-            expires = arrival + request.timeout_s
-            deadline = min(deadline, expires)
-        self.batcher.submit(Pending(request.inputs, rows, arrival, deadline, expires, future,
-                                    request))
+        expires = None if request.timeout_s is None else arrival + request.timeout_s
+        self.batcher.submit(Pending(request.inputs, rows, arrival,
+                                    arrival + self.max_queue_delay_s, expires, future, request))
 
     # -- metering and completion (event loop thread) -----------------------------------------
 
@@ -162,6 +159,8 @@ class ServedVersion:
                 stats.queue.observe(queue_s)
                 stats.total.observe(total_s)
             offset += item.rows
+            if request.budget is not None:  # its reservation out, its share in
+                settle(request.budget, request.reserved, share)
             if ledger is not None:
                 stats.cost_pusd[request.tenant] += share
                 # tuples of atoms: the GC stops tracking them, so waiting records cost it nothing
@@ -177,6 +176,9 @@ class ServedVersion:
     def reject(self, request: InferenceRequest, status: int, arrival: float) -> None:
         """A request that never ran: counted, and recorded at zero cost."""
         self.stats.errors[status] += 1
+        if request.budget is not None:  # admitted, then refused or expired: release it
+            settle(request.budget, request.reserved, 0)
+            request.budget = None
         ledger = self.ledger
         if ledger is not None:
             total_s = time.perf_counter() - arrival

@@ -130,6 +130,18 @@ def targets(results: Results, small: str, large: str) -> list[Target]:
     ]
 
 
+def ceiling_note(results: Results, large: str, share: float = 0.80) -> str | None:
+    """Says so when even the bare-ASGI HTTP ceiling cannot reach `share` of the raw engine."""
+    best, bare = results.engine_best(large), results.rps(large, BARE.key, 64)
+    if best is None or bare is None or bare >= share * best[1]:
+        return None
+    return (f"{large}: even the bare-ASGI app, which parses the request and skips the model, "
+            f"serves only {bare:,.0f} req/s = {bare / best[1]:.2f}x of onnxruntime's best "
+            f"({best[1]:,.0f} samples/s at batch {best[0]}): on one core, per-request HTTP + "
+            "JSON costs more than this model's batched compute per sample, so the "
+            f"{share:.0%}-of-engine target is out of reach for an HTTP server of that kind.")
+
+
 # ---- the table -----------------------------------------------------------------------------
 
 LEGEND = (
@@ -268,7 +280,7 @@ def write_chart(results: Results, small: str, large: str, path: Path) -> None:
 
 def markdown_section(results: Results, items: list[Target]) -> str:
     m, s = results.machine, results.settings
-    notes = "".join(f"- {note}\n" for note in results.notes)
+    notes = "".join(f"- Note: {note}\n" for note in results.notes)
     return f"""## Serving benchmark, {results.date}
 
 - Command: `{results.command}` (`make bench` runs it with no options)

@@ -292,6 +292,8 @@ def run_bench(argv: list[str], console: Console) -> int:
 def publish(results: report.Results, small: str, large: str, options: Options,
             console: Console) -> None:
     items = report.targets(results, small, large)
+    if note := report.ceiling_note(results, large):
+        results.notes.append(note)
     for workload in results.workloads():
         title = f"{workload}: {results.settings['models'][workload]}"
         console.print(report.rich_table(title, report.HEADER,

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import uvloop
 
+from .economics.alerts import AlertSink
 from .economics.ledger import LedgerWriter, open_engine, sqlite_url
 from .economics.ratecard import RateCard
 from .protocols.http_server import HttpServer
 from .protocols.v2_rest import DEFAULT_MAX_BODY_BYTES, V2App, V2Handler
 from .repository import ModelRepository
 from .serving import DataPlane
+from .serving.admission import Admission
 
 LEDGER_FILE = "frugalserve-ledger.db"
 
@@ -34,6 +36,15 @@ class ServerSettings:
     poll_interval_s: float | None = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     flush_interval_s: float = 0.5
+    retention_days: float | None = 30.0  # raw usage/batch rows; rollups are kept (None: all)
+    # API keys: None (auto) = anonymous requests allowed while the ledger holds no active key;
+    # True = always (a trusted network); False = never. Admin routes follow the same rule.
+    allow_anonymous: bool | None = None
+    trust_tenant_header: bool = False  # anonymous requests may name their tenant (X-Tenant)
+    budgets_file: Path | None = None  # budgets.yaml, in force beside the ledger's `budgets`
+    alert_webhook: str | None = None  # budget alerts are POSTed here as JSON
+    admission_refresh_s: float = 2.0  # keys and budgets are reloaded from the ledger this often
+    budget_safety: float = 2.0  # reservation = this x the measured cost of the request's rows
 
     def resolved_ledger_url(self) -> str:
         if self.ledger_url:
@@ -47,9 +58,26 @@ def build_dataplane(settings: ServerSettings) -> DataPlane:
     if settings.metering:
         engine = open_engine(settings.resolved_ledger_url())
         ledger = LedgerWriter(engine, settings.flush_interval_s,
-                              spill_dir=Path(settings.repository).resolve().parent)
+                              spill_dir=Path(settings.repository).resolve().parent,
+                              retention_days=settings.retention_days)
     return DataPlane(repository, RateCard.load(settings.rate_card), ledger,
-                     settings.poll_interval_s)
+                     settings.poll_interval_s, build_admission(settings, ledger))
+
+
+def build_admission(settings: ServerSettings, ledger: LedgerWriter | None) -> Admission:
+    """Keys and budgets live in the ledger's database; with metering off it is still opened
+    for the keys, unless anonymous access is allowed outright."""
+    if ledger is not None:
+        engine = ledger.engine
+    elif settings.allow_anonymous is not True:
+        engine = open_engine(settings.resolved_ledger_url())
+    else:
+        engine = None
+    alerts = AlertSink(engine, settings.alert_webhook)
+    return Admission(engine, allow_anonymous=settings.allow_anonymous,
+                     trust_tenant_header=settings.trust_tenant_header,
+                     refresh_s=settings.admission_refresh_s, budgets_file=settings.budgets_file,
+                     alerts=alerts, safety=settings.budget_safety)
 
 
 def build_app(settings: ServerSettings) -> V2App:

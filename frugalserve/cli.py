@@ -39,6 +39,14 @@ def serve(
                                         "changed models (0: off)."),
     max_body_mb: float = typer.Option(64.0, help="Largest request body accepted, in MiB."),
     log_level: str = typer.Option("info", help="Log level."),
+    allow_anonymous: bool = typer.Option(None, "--allow-anonymous/--require-key", help="Accept "
+                                         "requests without an API key (default: only while "
+                                         "the ledger holds no active key)."),
+    trust_tenant_header: bool = typer.Option(False, help="Let anonymous requests name their "
+                                             "tenant with an X-Tenant header."),
+    budgets: Path = typer.Option(None, help="budgets.yaml, in force besides `frugalserve "
+                                 "budgets set`."),
+    alert_webhook: str = typer.Option(None, help="URL that budget alerts are POSTed to (JSON)."),
 ) -> None:
     """Serve a model repository over the Open Inference Protocol (V2)."""
     from .app import ServerSettings, run_server
@@ -46,7 +54,9 @@ def serve(
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(repository, ledger, rate_card, metering, poll_interval or None,
-                              int(max_body_mb * 1024 * 1024))
+                              int(max_body_mb * 1024 * 1024), allow_anonymous=allow_anonymous,
+                              trust_tenant_header=trust_tenant_header, budgets_file=budgets,
+                              alert_webhook=alert_webhook)
     run_server(settings, host, port)
 
 
@@ -289,6 +299,261 @@ def _runs_table(runs: list[TrainingRun], totals: TrainingTotals) -> Table:
                   else "", "", "", _qty(totals.device_hours), "", "",
                   _qty(totals.energy_kwh), _usd(totals.cost_usd()))
     return table
+
+
+# -- spend report and ledger maintenance --------------------------------------------------------
+
+@app.command()
+def report(
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+    since: str = typer.Option("30d", help="Window start: 30d, 12h, 15m, an ISO date or epoch "
+                              "seconds."),
+    until: str = typer.Option(None, help="Window end (default: now), same forms as --since."),
+    by: str = typer.Option("model", help="Breakdown: model, version, variant, tenant or day."),
+    format: str = typer.Option("table", "--format", "-f", help="table, json, csv or focus "
+                               "(FinOps FOCUS-style CSV)."),
+    chart: Path = typer.Option(None, help="Also write a PNG chart of spend over time here."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write json/csv/focus here "
+                                "instead of standard output."),
+) -> None:
+    """Spend by model, version, variant, tenant and day; training vs inference; cost per 1k
+    predictions (marginal and amortized); utilization; savings; break-even; budgets."""
+    import sys
+
+    from rich.console import Console
+
+    from .economics import report as spend
+    from .economics.training import open_ledger
+
+    if format not in ("table", "json", "csv", "focus"):
+        raise typer.BadParameter("--format: table, json, csv or focus")
+    try:
+        start = spend.parse_since(since)
+        end = None if until is None else spend.parse_since(until)
+        result = spend.build_report(open_ledger(ledger), start, end, by)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if format == "table":
+        from .reports import show_spend_report
+
+        console = Console()
+        if not console.is_terminal:
+            console.width = max(console.width, 140)
+        show_spend_report(result, console)
+    else:
+        data = {"json": lambda: result.to_json().decode() + "\n", "csv": result.to_csv,
+                "focus": result.to_focus_csv}[format]()
+        if output:
+            output.write_text(data)
+        else:
+            sys.stdout.write(data)
+    if chart:
+        from .reports import write_spend_chart
+
+        write_spend_chart(result, chart)
+        Console(stderr=True).print(f"chart: {chart}")
+
+
+ledger_app = typer.Typer(help="Ledger maintenance: schema migrations, retention.",
+                         no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("upgrade")
+def ledger_upgrade(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
+    """Bring the ledger schema to the latest migration (Alembic `upgrade head`)."""
+    from rich.console import Console
+    from sqlalchemy import create_engine
+
+    from .economics import migrations
+    from .economics.training import default_ledger_url
+
+    engine = create_engine(ledger or default_ledger_url())
+    before = migrations.upgrade(engine)
+    Console().print(f"ledger at revision {migrations.head()} (was {before or 'unversioned'})")
+
+
+@ledger_app.command("prune")
+def ledger_prune(
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+    days: float = typer.Option(30.0, help="Keep raw usage and batch rows this many days; the "
+                               "per-minute rollups are kept."),
+) -> None:
+    """Delete raw usage and batch rows older than the retention."""
+    from rich.console import Console
+
+    from .economics.ledger import prune
+    from .economics.training import open_ledger
+
+    deleted = prune(open_ledger(ledger), days)
+    Console().print(", ".join(f"{n:,} {t} rows deleted" for t, n in deleted.items()))
+
+
+# -- API keys and budgets -----------------------------------------------------------------------
+
+keys_app = typer.Typer(help="API keys: each bills a tenant; admin keys may use admin routes.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., help="Tenant the key's usage is billed to."),
+    tier: str = typer.Option("standard", help="Tier: free, standard or premium."),
+    admin: bool = typer.Option(False, help="May use the admin routes (repository, reports)."),
+    name: str = typer.Option(None, help="A note to tell keys apart."),
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+) -> None:
+    """Create a key. It is shown once: only its hash is stored."""
+    from rich.console import Console
+
+    from .economics import keys
+    from .economics.training import open_ledger
+
+    try:
+        info, secret = keys.create_key(open_ledger(ledger), tenant, tier, admin, name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console = Console(stderr=True)
+    console.print(f"key {info.key_id} for tenant '{info.tenant}' ({info.tier}"
+                  f"{', admin' if info.admin else ''}); store it now, it is not shown again:")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
+    """List keys (never the keys themselves)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .economics import keys
+    from .economics.training import open_ledger
+
+    table = Table(title="API keys")
+    for col in ("key id", "tenant", "tier", "admin", "created (UTC)", "status", "name"):
+        table.add_column(col)
+    for k in keys.list_keys(open_ledger(ledger)):
+        status = "active" if k.revoked_at is None else "revoked " + _utc(k.revoked_at)
+        table.add_row(k.key_id, k.tenant, k.tier, "yes" if k.admin else "", _utc(k.created_at),
+                      status, k.name or "")
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by `keys list`."),
+                ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
+    """Revoke a key; running servers refuse it within their refresh interval (2 s)."""
+    from .economics import keys
+    from .economics.training import open_ledger
+
+    if not keys.revoke_key(open_ledger(ledger), key_id):
+        raise typer.BadParameter(f"no active key {key_id!r}")
+    typer.echo(f"key {key_id} revoked")
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+budgets_app = typer.Typer(help="Budgets: spend limits per period with alert, downgrade and "
+                          "reject thresholds.", no_args_is_help=True)
+app.add_typer(budgets_app, name="budgets")
+
+
+@budgets_app.command("set")
+def budgets_set(
+    amount: str = typer.Option(..., "--amount", help="Dollars per period, e.g. 250 or 0.5."),
+    scope: str = typer.Option("global", help="global, tenant or model."),
+    target: str = typer.Option("", help="The tenant or model name (not for global)."),
+    period: str = typer.Option("month", help="day, week, month (UTC) or total."),
+    threshold: list[str] = typer.Option(None, "--threshold", "-t", help="PERCENT:ACTION, "
+                                        "repeatable; actions alert, downgrade, reject "
+                                        "(default: 80:alert 100:reject)."),
+    fallback_model: str = typer.Option(None, help="Model that downgrade serves instead."),
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+) -> None:
+    """Create or replace the budget of (scope, target, period)."""
+    from .economics import budgets
+    from .economics.training import open_ledger
+
+    try:
+        thresholds = (tuple(budgets.Threshold.parse(t) for t in threshold) if threshold
+                      else budgets.DEFAULT_THRESHOLDS)
+        budget = budgets.Budget(scope, target, period, budgets.usd_to_pico(amount), thresholds,
+                                fallback_model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    budget_id = budgets.set_budget(open_ledger(ledger), budget)
+    typer.echo(f"budget {budget_id}: {budget.label} ${budget.amount_usd.normalize():f} per "
+               f"{period}; " + ", ".join(f"{t.percent:g}% {t.action}" for t in thresholds))
+
+
+@budgets_app.command("list")
+def budgets_list(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
+    """Budgets with their spend so far this period (from the ledger)."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .economics import budgets
+    from .economics.keys import ensure_schema
+    from .economics.training import open_ledger
+    from .serving.admission import usd
+
+    engine = open_ledger(ledger)
+    ensure_schema(engine)
+    console = Console()
+    if not console.is_terminal:  # piped to a file: keep the columns unwrapped
+        console.width = max(console.width, 140)
+    table = Table(title="budgets")
+    for col in ("id", "scope", "period", "amount", "spent", "used", "thresholds", "fallback",
+                "resets (UTC)"):
+        table.add_column(col, justify="right" if col in ("id", "amount", "spent", "used")
+                         else "left")
+    now = time.time()
+    for b in budgets.list_budgets(engine):
+        start, end = budgets.period_bounds(b.period, now)
+        spent = budgets.spent_since(engine, b, start)
+        used = f"{100 * spent / b.amount_pusd:.1f}%" if b.amount_pusd else "-"
+        table.add_row(str(b.id), b.label, b.period, usd(b.amount_pusd), usd(spent), used,
+                      " ".join(f"{t.percent:g}:{t.action}" for t in b.thresholds),
+                      b.fallback_model or "", "never" if end is None else _utc(end))
+    console.print(table)
+
+
+@budgets_app.command("delete")
+def budgets_delete(budget_id: int = typer.Argument(..., help="The id shown by `budgets list`."),
+                   ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
+    """Delete a budget; running servers drop it within their refresh interval."""
+    from .economics import budgets
+    from .economics.training import open_ledger
+
+    if not budgets.delete_budget(open_ledger(ledger), budget_id):
+        raise typer.BadParameter(f"no budget {budget_id}")
+    typer.echo(f"budget {budget_id} deleted")
+
+
+@budgets_app.command("alerts")
+def budgets_alerts(limit: int = typer.Option(50, help="How many, newest first."),
+                   ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
+    """Budget alerts recorded in the ledger."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .economics.alerts import list_alerts
+    from .economics.keys import ensure_schema
+    from .economics.training import open_ledger
+
+    engine = open_ledger(ledger)
+    ensure_schema(engine)
+    table = Table(title="budget alerts")
+    for col in ("time (UTC)", "action", "message"):
+        table.add_column(col)
+    for a in list_alerts(engine, limit):
+        table.add_row(_utc(a["ts"]), a["action"], a["message"])
+    Console().print(table)
+
 
 if __name__ == "__main__":
     app()

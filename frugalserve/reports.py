@@ -129,3 +129,129 @@ def write_demo_chart(phases: list[Phase], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -- the spend report (economics.report) ------------------------------------------------------
+
+def _usd_text(value: str | None, digits: int = 3) -> str:
+    return "-" if value is None else format_usd(Decimal(value), digits)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def show_spend_report(report, console: Console) -> None:
+    """Rich tables for an economics.report.Report: the breakdown asked for, per-version
+    economics, savings, training break-even and budgets."""
+    t = report.totals
+    since = report.to_dict()["since"][:16]
+    until = report.to_dict()["until"][:16]
+    head = Table(title=f"spend {since} to {until} (UTC)", box=box.SIMPLE_HEAD)
+    head.add_column("quantity")
+    head.add_column("value", justify="right")
+    for name, value in (
+        ("predictions ok / requests", f"{t['ok']:,} / {t['requests']:,}"),
+        ("inference (busy)", _usd_text(t["inference_usd"])),
+        ("inference (provisioned: busy + idle)", _usd_text(t["provisioned_usd"])),
+        ("training (runs started in the window)", _usd_text(t["training_usd"])),
+        ("training share / inference share",
+         f"{_pct(t['training_share'])} / {_pct(t['inference_share'])}"),
+        ("per 1k predictions, marginal", _usd_text(t["per_1k_marginal_usd"])),
+        ("per 1k predictions, amortized", _usd_text(t["per_1k_amortized_usd"])),
+        ("utilization", _pct(t["utilization"])),
+        ("saved by batching (vs batch 1)", _usd_text(report.savings["total_usd"])),
+    ):
+        head.add_row(name, value)
+    console.print(head)
+
+    keys = {"model": ["model"], "version": ["model", "version"],
+            "variant": ["model", "version", "variant"], "tenant": ["tenant"],
+            "day": ["day"]}[report.by]
+    main = Table(title=f"spend by {report.by}", box=box.SIMPLE_HEAD)
+    columns = [*keys, "requests", "ok", "errors", "cost", "$/1k marginal"]
+    if report.by in ("model", "version", "variant"):
+        columns += ["$/1k amortized", "util.", "batching saved"]
+    for c in columns:
+        main.add_column(c, justify="left" if c in keys else "right")
+    for r in report.rows:
+        cells = [str(r[k]) for k in keys] + [
+            f"{r['requests']:,}", f"{r['ok']:,}", f"{r['errors']:,}", _usd_text(r["cost_usd"]),
+            _usd_text(r["per_1k_marginal_usd"])]
+        if report.by in ("model", "version", "variant"):
+            cells += [_usd_text(r["per_1k_amortized_usd"]), _pct(r["utilization"]),
+                      _usd_text(r["batching_saving_usd"])]
+        main.add_row(*cells)
+    console.print(main)
+
+    if report.training:
+        runs = Table(title="training runs: break-even", box=box.SIMPLE_HEAD)
+        for c in ("run", "model", "started", "cost", "saving/prediction", "predictions needed",
+                  "break-even"):
+            runs.add_column(c, justify="right" if c in ("cost", "predictions needed") else
+                            "left")
+        for r in report.training:
+            each = r["saving_per_prediction_pusd"]
+            runs.add_row(str(r["id"]), f"{r['model']} v{r['version']}", r["started_at"][:16],
+                         _usd_text(r["cost_usd"]),
+                         "-" if each is None else f"{each / 1e6:.4g} µ$",
+                         "-" if r["predictions_needed"] is None else
+                         f"{r['predictions_needed']:,}",
+                         (r["break_even_at"] or "")[:10] or r["break_even"])
+        console.print(runs)
+    if report.budgets:
+        budgets = Table(title="budgets", box=box.SIMPLE_HEAD)
+        for c in ("budget", "period", "amount", "spent", "burn/day", "runway"):
+            budgets.add_column(c, justify="left" if c in ("budget", "period") else "right")
+        for b in report.budgets:
+            if "error" in b:
+                budgets.add_row(str(b.get("id")), b["error"], "", "", "", "")
+                continue
+            scope = b["scope"] + (f" {b['scope_value']}" if b["scope_value"] else "")
+            runway = b["runway_days"]
+            budgets.add_row(scope, b["period"], _usd_text(b["amount_usd"]),
+                            _usd_text(b["spent_usd"]), _usd_text(b["burn_usd_per_day"]),
+                            "-" if runway is None else f"{runway:,.1f} d")
+        console.print(budgets)
+    console.print(f"savings method: {report.savings['method']}", style="dim")
+
+
+def write_spend_chart(report, path: Path) -> Path:
+    """Spend over time (inference stacked by model, training on top) and the training vs
+    inference share of the window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from datetime import UTC, datetime
+
+    import matplotlib.pyplot as plt
+
+    series = report.series
+    when = [datetime.fromtimestamp(s["ts"], UTC) for s in series]
+    models = sorted({m for s in series for m in s["by_model"]})
+    width = report.bucket_s / 86400 * 0.8
+    fig, (over, share) = plt.subplots(1, 2, figsize=(13, 5),
+                                      gridspec_kw={"width_ratios": [3, 1]})
+    bottom = [0.0] * len(series)
+    for model in models:
+        values = [s["by_model"].get(model, 0) / 1e12 for s in series]
+        over.bar(when, values, width, bottom=bottom, label=f"inference: {model}")
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    training = [s["training_pusd"] / 1e12 for s in series]
+    if any(training):
+        over.bar(when, training, width, bottom=bottom, label="training", color="tab:red")
+    over.set_ylabel("USD per " + ("day" if report.bucket_s == 86400 else "hour"))
+    over.set_title("Spend over time")
+    if models or any(training):
+        over.legend(fontsize=8)
+    fig.autofmt_xdate()
+    inf = report.totals["inference_pusd"] / 1e12
+    tr = report.totals["training_pusd"] / 1e12
+    if inf + tr > 0:
+        share.pie([inf, tr], labels=["inference", "training"], autopct="%1.1f%%",
+                  colors=["tab:blue", "tab:red"])
+    share.set_title("Training vs inference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -234,6 +234,8 @@ def settings(repository: Path, **kw: Any) -> ServerSettings:
     """ServerSettings for tests: no polling unless asked, a fast ledger flush."""
     kw.setdefault("poll_interval_s", None)
     kw.setdefault("flush_interval_s", 0.1)
+    # the suite names tenants with X-Tenant on anonymous requests (tests/test_keys.py covers keys)
+    kw.setdefault("trust_tenant_header", True)
     return ServerSettings(repository=Path(repository), **kw)
 
 

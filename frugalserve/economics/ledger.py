@@ -37,6 +37,7 @@ from sqlalchemy import (
     create_engine,
     event,
     table,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -53,6 +54,10 @@ replicas = Table(
     Column("started_at", Float, nullable=False),
     Column("host", String(256), nullable=False),
     Column("pid", Integer, nullable=False),
+    # uptime, for amortized (busy + idle) cost: the writer stamps last_seen_at every
+    # HEARTBEAT_S and stopped_at at a clean shutdown
+    Column("last_seen_at", Float),
+    Column("stopped_at", Float),
 )
 
 # Usage is stored in chunks: one row per batch (or per request that never ran), holding that
@@ -124,6 +129,76 @@ batches = Table(
     Column("cost_pusd", BigInteger, nullable=False),
 )
 
+# -- per-minute rollups (what reports read; raw usage_log/batches rows expire) ----------------
+# The writer aggregates each flush in Python dicts and upserts one row per key in the same
+# transaction as the raw rows, so the rollups always equal the sum of everything written.
+# minute = epoch seconds of the minute's start (usage: request arrival; batches: batch start);
+# variant = the model version until the optimizer makes variants.
+usage_rollup = Table(
+    "usage_rollup",
+    metadata,
+    Column("minute", BigInteger, primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("version", String(32), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("tenant", String(256), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("ok", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("items", BigInteger, nullable=False),
+    Column("cost_pusd", BigInteger, nullable=False),
+    Column("compute_ms", Float, nullable=False),  # per request: its batch's compute time
+    Column("queue_ms", Float, nullable=False),
+    Column("total_ms", Float, nullable=False),
+)
+
+# The same per hour: a 30-day report reads 720 hours, not 43,200 minutes, of every key
+# (the minute table serves the window's ragged edges and short windows).
+usage_rollup_hourly = Table(
+    "usage_rollup_hourly",
+    metadata,
+    *[Column("hour" if c.name == "minute" else c.name, c.type, primary_key=c.primary_key,
+             nullable=c.nullable) for c in usage_rollup.columns],
+)
+
+# Busy time per replica and device: marginal cost, utilization and (with replicas' uptime)
+# amortized cost. cost_pusd over compute_ms is the price the meter used (P x share).
+batch_rollup = Table(
+    "batch_rollup",
+    metadata,
+    Column("minute", BigInteger, primary_key=True),
+    Column("replica_id", Integer, primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("version", String(32), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("pricing", String(16), primary_key=True),
+    Column("share", Float, nullable=False),
+    Column("batches", BigInteger, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("compute_ms", Float, nullable=False),
+    Column("cost_pusd", BigInteger, nullable=False),
+)
+
+# Batches by size per day: the batch-1 counterfactual (savings of the batching lever).
+batch_size_rollup = Table(
+    "batch_size_rollup",
+    metadata,
+    Column("day", BigInteger, primary_key=True),  # epoch seconds of the UTC day's start
+    Column("model", String(128), primary_key=True),
+    Column("version", String(32), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("pricing", String(16), primary_key=True),
+    Column("size", Integer, primary_key=True),
+    Column("batches", BigInteger, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("compute_ms", Float, nullable=False),
+    Column("cost_pusd", BigInteger, nullable=False),
+)
+
+ROLLUPS = (usage_rollup, usage_rollup_hourly, batch_rollup, batch_size_rollup)
 
 
 class PicoAmount(TypeDecorator):
@@ -198,9 +273,11 @@ def open_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+    from .migrations import upgrade
+
+    upgrade(engine)
+    # tables declared in code but not (yet) in a migration: created as before, never altered
     metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(_usage_view_sql(engine.dialect.name))
     return engine
 
 
@@ -230,10 +307,15 @@ class LedgerWriter:
     """Collects records from the hot path and writes them in batches from one thread."""
 
     def __init__(self, engine: Engine, flush_interval_s: float = 0.5,
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, retention_days: float | None = None,
+                 prune_interval_s: float = 3600.0):
         self.engine = engine
         self.flush_interval_s = flush_interval_s
         self.spill_dir = spill_dir or Path.cwd()
+        self.retention_days = retention_days  # None or 0: raw rows are kept for ever
+        self.prune_interval_s = prune_interval_s
+        self._next_prune = time.monotonic() + min(60.0, prune_interval_s)
+        self._next_heartbeat = 0.0
         self._usage: deque[UsageChunk] = deque()
         self._batches: deque[BatchRecord] = deque()
         self.replica_id = _register_replica(engine)
@@ -272,21 +354,41 @@ class LedgerWriter:
                 self._spill()
                 break
             time.sleep(0.2)
+        try:
+            with self.engine.begin() as conn:
+                now = time.time()
+                conn.execute(replicas.update().where(replicas.c.id == self.replica_id)
+                             .values(last_seen_at=now, stopped_at=now))
+        except Exception as exc:  # noqa: BLE001 - uptime is best effort; the money is written
+            log.warning("could not stamp the replica's stop time: %s", exc)
         self.engine.dispose()
 
     def _run(self) -> None:
         backoff = self.flush_interval_s
         while not self._stop.wait(backoff):
             backoff = self.flush_interval_s if self.flush() else min(backoff * 2, 10.0)
+            if self.retention_days and time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + self.prune_interval_s
+                try:
+                    prune(self.engine, self.retention_days)
+                except Exception as exc:  # noqa: BLE001 - try again next interval
+                    log.warning("ledger prune failed, will retry: %s", exc)
 
     def flush(self) -> bool:
         """Write what is pending now; on failure put it back and say so."""
         usage_rows = _drain(self._usage)
         batch_rows = _drain(self._batches)
-        if not usage_rows and not batch_rows:
+        heartbeat = time.monotonic() >= self._next_heartbeat
+        if not usage_rows and not batch_rows and not heartbeat:
             return True
         try:
-            self._write(((batches, batch_rows), (usage_log, _encoded(usage_rows))))
+            minutes = rollup_usage(usage_rows)
+            upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
+                       *rollup_batches(batch_rows, self.replica_id))
+            self._write(((batches, batch_rows), (usage_log, _encoded(usage_rows))), upserts,
+                        time.time() if heartbeat else None)
+            if heartbeat:
+                self._next_heartbeat = time.monotonic() + HEARTBEAT_S
         except Exception as exc:  # noqa: BLE001 - any database failure: keep the rows, retry
             rows = len(usage_rows) + len(batch_rows)
             log.warning("ledger write of %d rows failed, will retry: %s", rows, exc)
@@ -297,9 +399,13 @@ class LedgerWriter:
         self.written_batches += len(batch_rows)
         return True
 
-    def _write(self, work: tuple[tuple[Table, list], ...]) -> None:
-        """One transaction; COPY on PostgreSQL (parsed by the server, not on our core)."""
+    def _write(self, work: tuple[tuple[Table, list], ...],
+               upserts: tuple[tuple[Table, list], ...] = (),
+               seen_at: float | None = None) -> None:
+        """One transaction; COPY on PostgreSQL (parsed by the server, not on our core); the
+        rollups are upserted in the same transaction, so they never disagree with raw rows."""
         raw = self.engine.raw_connection()
+        mark = "%s" if self._postgres else "?"
         try:
             cursor = raw.cursor()
             for table, rows in work:
@@ -311,6 +417,12 @@ class LedgerWriter:
                             copy.write_row(row)
                 else:
                     cursor.executemany(_insert_sql(table), rows)
+            for table, rows in upserts:
+                if rows:
+                    cursor.executemany(_upsert_sql(table, mark), rows)
+            if seen_at is not None:
+                cursor.execute(f"UPDATE replicas SET last_seen_at = {mark} WHERE id = {mark}",
+                               (seen_at, self.replica_id))
             raw.commit()
         except Exception:
             raw.rollback()
@@ -327,6 +439,110 @@ class LedgerWriter:
                     doc = {"table": table.name, **dict(zip(names, row, strict=True))}
                     out.write(orjson.dumps(doc) + b"\n")
         log.error("ledger unreachable at shutdown; pending records spilled to %s", path)
+
+
+HEARTBEAT_S = 30.0  # how often a writer stamps replicas.last_seen_at
+
+
+def _upsert_sql(table: Table, mark: str = "?") -> str:
+    """INSERT ... ON CONFLICT DO UPDATE adding the new sums (SQLite >= 3.24 and PostgreSQL)."""
+    names = [c.name for c in table.columns]
+    keys = [c.name for c in table.primary_key.columns]
+    sums = ", ".join(f"{n} = {table.name}.{n} + excluded.{n}" for n in names
+                     if n not in keys and n != "share")
+    extra = ", share = excluded.share" if "share" in names else ""
+    return (f"INSERT INTO {table.name} ({', '.join(names)}) "
+            f"VALUES ({', '.join([mark] * len(names))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}{extra}")
+
+
+def rollup_usage(chunks: list[UsageChunk]) -> list[tuple]:
+    """usage_rollup rows for some chunks: one per (minute, model, version, variant, tenant),
+    sorted by key (concurrent writers then lock rows in one order: no deadlocks)."""
+    acc: dict[tuple, list] = {}
+    get = acc.get
+    for chunk in chunks:
+        model, version, compute_ms = chunk[2], chunk[3], chunk[6]
+        for r in chunk[7]:
+            ts = int(r[2])
+            key = (ts - ts % 60, model, version, version, r[3])
+            a = get(key)
+            if a is None:
+                acc[key] = a = [0, 0, 0, 0, 0, 0.0, 0.0, 0.0]
+            ok = r[8] == 200
+            a[0] += 1
+            a[1] += ok
+            a[2] += not ok
+            a[3] += r[4]
+            a[4] += r[7]
+            a[5] += compute_ms
+            a[6] += r[5]
+            a[7] += r[6]
+    return [(*key, *a) for key, a in sorted(acc.items())]
+
+
+def rollup_hours(minute_rows: list[tuple]) -> list[tuple]:
+    """usage_rollup_hourly rows from usage_rollup rows (a few dozen per flush)."""
+    acc: dict[tuple, list] = {}
+    for row in minute_rows:
+        key = (row[0] - row[0] % 3600, *row[1:5])
+        a = acc.get(key)
+        if a is None:
+            acc[key] = list(row[5:])
+        else:
+            for i, v in enumerate(row[5:]):
+                a[i] += v
+    return [(*key, *a) for key, a in sorted(acc.items())]
+
+
+def rollup_batches(rows: list[BatchRecord], replica_id: int) -> tuple[tuple[Table, list], ...]:
+    """batch_rollup rows (per minute and replica) and batch_size_rollup rows (per day and
+    batch size) for some batch records."""
+    by_minute: dict[tuple, list] = {}
+    by_size: dict[tuple, list] = {}
+    for _id, ts, model, version, device, pricing, share, size, requests, compute_ms, cost \
+            in rows:
+        t = int(ts)
+        key = (t - t % 60, replica_id, model, version, version, device, pricing)
+        a = by_minute.get(key)
+        if a is None:
+            by_minute[key] = a = [share, 0, 0, 0, 0.0, 0]
+        a[0] = share
+        a[1] += 1
+        a[2] += size
+        a[3] += requests
+        a[4] += compute_ms
+        a[5] += cost
+        key = (t - t % 86400, model, version, version, device, pricing, size)
+        b = by_size.get(key)
+        if b is None:
+            by_size[key] = b = [0, 0, 0.0, 0]
+        b[0] += 1
+        b[1] += size
+        b[2] += compute_ms
+        b[3] += cost
+    return ((batch_rollup, [(*k, *a) for k, a in sorted(by_minute.items())]),
+            (batch_size_rollup, [(*k, *b) for k, b in sorted(by_size.items())]))
+
+
+def prune(engine: Engine, retention_days: float, now: float | None = None,
+          chunk: int = 20_000) -> dict[str, int]:
+    """Delete raw usage_log and batches rows older than the retention (the rollups stay), a
+    chunk at a time so that writers are never blocked for long. Rows deleted per table."""
+    cutoff = (time.time() if now is None else now) - retention_days * 86400
+    deleted = {}
+    for name in ("usage_log", "batches"):
+        sql = text(f"DELETE FROM {name} WHERE id IN "
+                   f"(SELECT id FROM {name} WHERE ts < :cutoff LIMIT {int(chunk)})")
+        total = 0
+        while True:
+            with engine.begin() as conn:
+                n = conn.execute(sql, {"cutoff": cutoff}).rowcount
+            total += n
+            if n < chunk:
+                break
+        deleted[name] = total
+    return deleted
 
 
 def _encoded(chunks: list[UsageChunk]) -> list[tuple]:

@@ -128,9 +128,12 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        path = httptools.parse_url(self._url).path.decode("latin-1")
+        url = httptools.parse_url(self._url)
+        path = url.path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
+        if url.query:  # kept for the routes that read one (admin); the handler splits it off
+            path = f"{path}?{url.query.decode('latin-1')}"
         request = (self.parser.get_method().decode("ascii"), path, self._headers, body,
                    self.parser.should_keep_alive())
         if self.busy:

@@ -7,14 +7,17 @@ adapter only translates.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..economics import report as spend_report
 from ..serving import (
     BadInput,
     DataPlane,
@@ -24,7 +27,6 @@ from ..serving import (
     Unavailable,
 )
 from ..serving.metrics import QueueGauge
-from ..serving.types import ANONYMOUS
 from .v2_codec import decode_request, encode_response
 
 log = logging.getLogger("frugalserve.http")
@@ -67,8 +69,14 @@ class V2Handler:
             return 500, (_JSON,), orjson.dumps({"error": "internal server error"})
 
     async def _route(self, method: str, path: str, headers: Headers, body: bytes) -> Response:
+        query = ""
+        if "?" in path:
+            path, _, query = path.partition("?")
         parts = path.strip("/").split("/")
         if parts[0] == "v2":
+            if len(parts) >= 2 and parts[1] == "admin":
+                self.dataplane.authorize_admin(headers.get(b"authorization"))
+                return await self._admin_route(method, parts[2:], query)
             if len(parts) >= 3 and parts[1] == "models":
                 return await self._model_route(method, path, parts, headers, body)
             if method == "GET":
@@ -79,6 +87,7 @@ class V2Handler:
                 if parts[1:] == ["health", "ready"]:
                     return (200 if self.dataplane.ready else 400), (_JSON,), b""
             if method == "POST" and len(parts) >= 3 and parts[1] == "repository":
+                self.dataplane.authorize_admin(headers.get(b"authorization"))
                 return await self._repository_route(parts[2:])
         elif path == "/metrics" and method == "GET":
             return 200, ((b"content-type", CONTENT_TYPE_LATEST.encode()),), generate_latest(
@@ -103,17 +112,39 @@ class V2Handler:
 
     async def _infer(self, model: str, version: str | None, headers: Headers,
                      body: bytes) -> Response:
+        # the key is checked before the body is read: a wrong key costs nothing
+        tenant = self.dataplane.authenticate(headers.get(b"authorization"),
+                                             headers.get(b"x-tenant"))
         header_length = headers.get(b"inference-header-content-length")
-        tenant = headers.get(b"x-tenant")
         request, binary = decode_request(
             body, None if header_length is None else _int_header(header_length), model, version,
-            ANONYMOUS if tenant is None else tenant.decode("latin-1"))
+            tenant)
         response = await self.dataplane.infer(request)
         payload, json_length = encode_response(response, binary)
         if json_length is None:
             return 200, (_JSON,), payload
         return 200, (_OCTETS, (b"inference-header-content-length", str(json_length).encode())), \
             payload
+
+    async def _admin_route(self, method: str, parts: list[str], query: str) -> Response:
+        # GET /v2/admin/report?since=30d&by=tenant[&until=...]: economics.report as JSON
+        if method == "GET" and parts == ["report"]:
+            ledger = self.dataplane.ledger
+            if ledger is None:
+                raise NotFound("metering is off: this server keeps no ledger to report on")
+            args = dict(parse_qsl(query))
+            try:
+                since = spend_report.parse_since(args.get("since", "30d"))
+                until = spend_report.parse_since(args["until"]) if "until" in args else None
+                by = args.get("by", "model")
+                if by not in spend_report.BY:
+                    raise ValueError(f"by {by!r}: use one of {', '.join(spend_report.BY)}")
+                report = await asyncio.to_thread(spend_report.build_report, ledger.engine,
+                                                 since, until, by)
+            except ValueError as exc:
+                raise BadInput(str(exc)) from None
+            return _json(200, report.to_dict())
+        raise NotFound(f"no admin route {method} /v2/admin/{'/'.join(parts)}")
 
     async def _repository_route(self, parts: list[str]) -> Response:
         if parts == ["index"]:
@@ -142,7 +173,10 @@ class V2App:
                 return await _send(send, error_response(exc))
             except ClientGone:
                 return
-            response = await self.handler.handle(scope["method"], scope["path"],
+            path = scope["path"]
+            if scope.get("query_string"):
+                path = f"{path}?{scope['query_string'].decode('latin-1')}"
+            response = await self.handler.handle(scope["method"], path,
                                                  dict(scope["headers"]), body)
             await _send(send, response)
         elif scope["type"] == "lifespan":
@@ -199,6 +233,8 @@ def error_response(exc: InferenceError) -> Response:
     headers: tuple = (_JSON,)
     if isinstance(exc, Unavailable):
         headers = (_JSON, (b"retry-after", str(exc.retry_after_s).encode()))
+    elif exc.status == 401:
+        headers = (_JSON, (b"www-authenticate", b'Bearer realm="frugalserve"'))
     return exc.status, headers, orjson.dumps({"error": str(exc)})
 
 

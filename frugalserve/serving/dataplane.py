@@ -18,10 +18,11 @@ from ..economics.meter import Meter
 from ..economics.ratecard import RateCard, RateCardError
 from ..repository import LoadedModel, ModelRepository, RepositoryError
 from ..repository.repository import CONFIG_FILE
+from .admission import Admission
 from .errors import InferenceError, NotFound, Unavailable
 from .metrics import ServingMetrics
 from .served import ServedVersion
-from .types import InferenceRequest, InferenceResponse
+from .types import ANONYMOUS, InferenceRequest, InferenceResponse
 
 log = logging.getLogger("frugalserve.serving")
 
@@ -42,8 +43,10 @@ class ServedModel:
 
 class DataPlane:
     def __init__(self, repository: ModelRepository, rate_card: RateCard,
-                 ledger: LedgerWriter | None = None, poll_interval_s: float | None = None):
+                 ledger: LedgerWriter | None = None, poll_interval_s: float | None = None,
+                 admission: Admission | None = None):
         self.repository = repository
+        self.admission = admission  # None: no keys, no budgets (anonymous, X-Tenant trusted)
         self.rate_card = rate_card
         self.ledger = ledger  # None: metering off (no costs, no usage records)
         self.poll_interval_s = poll_interval_s
@@ -62,6 +65,8 @@ class DataPlane:
         self._loop = asyncio.get_running_loop()
         if self.ledger is not None:
             self.ledger.start()
+        if self.admission is not None:
+            await self.admission.start(self._resolve)
         for name in await asyncio.to_thread(self.repository.names):
             self._fingerprints[name] = await asyncio.to_thread(self.repository.fingerprint, name)
             try:
@@ -79,6 +84,8 @@ class DataPlane:
             self._watcher.cancel()
         models, self._models = list(self._models.values()), {}
         await asyncio.gather(*(m.drain() for m in models))
+        if self.admission is not None:
+            await self.admission.stop()
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.close)
 
@@ -90,11 +97,26 @@ class DataPlane:
         future = self._loop.create_future()
         try:
             rows = served.check(request)
+            admission = self.admission
+            if admission is not None and admission.active:
+                served, rows = admission.admit(request, served, rows)
             served.submit(request, rows, arrival, future)
         except InferenceError as exc:
             served.reject(request, exc.status, arrival)
             raise
         return await future
+
+    def authenticate(self, authorization: bytes | None, tenant_label: bytes | None) -> str:
+        """The tenant to bill, from the request's Authorization header value (Bearer key);
+        tenant_label (X-Tenant) counts only for anonymous requests on a trusting server."""
+        if self.admission is None:
+            return ANONYMOUS if tenant_label is None else tenant_label.decode("latin-1")
+        return self.admission.authenticate(authorization, tenant_label)
+
+    def authorize_admin(self, authorization: bytes | None) -> None:
+        """Raise Unauthorized (401) or Forbidden (403) unless an admin may do this."""
+        if self.admission is not None:
+            self.admission.authorize_admin(authorization)
 
     def _resolve(self, model: str, version: str | None) -> ServedVersion:
         entry = self._models.get(model)

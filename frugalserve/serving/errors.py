@@ -44,3 +44,21 @@ class DeadlineExceeded(InferenceError):
     """The request's own timeout passed while it waited in the queue."""
 
     status = 504
+
+
+class Unauthorized(InferenceError):
+    """No API key where one is required, or a wrong or revoked one."""
+
+    status = 401
+
+
+class Forbidden(InferenceError):
+    """A valid key that may not do this (an admin route without an admin key)."""
+
+    status = 403
+
+
+class BudgetExceeded(InferenceError):
+    """A budget's reject threshold would be passed: HTTP 402 Payment Required."""
+
+    status = 402

@@ -23,6 +23,10 @@ class InferenceRequest:
     outputs: list[str] | None = None  # requested output names; None: all
     tenant: str = ANONYMOUS
     timeout_s: float | None = None  # the request's own queue deadline
+    # admission's budget reservation (serving.admission): the counters charged, and the
+    # estimate reserved against them until the request settles
+    budget: tuple | None = None
+    reserved: int = 0
 
 
 @dataclass(slots=True)

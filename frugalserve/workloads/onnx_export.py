@@ -1,4 +1,4 @@
-"""Put a trained scikit-learn classifier into a model repository as ONNX, and check the export.
+"""Put a trained classifier into a model repository as ONNX, and check the export.
 
 Layout written (Triton's): `<repo>/<name>/config.yaml` and `<repo>/<name>/<version>/model.onnx`.
 """
@@ -28,10 +28,16 @@ def export_classifier(model: Any, sample: np.ndarray, repository: Path, name: st
     plain tensors) plus its config.yaml; return the .onnx path."""
     onnx_model = to_onnx(model, sample[:1], options={id(model): {"zipmap": False}},
                          target_opset=OPSET)
+    return write_model(onnx_model.SerializeToString(), repository, name, version, config)
+
+
+def write_model(onnx_bytes: bytes, repository: Path, name: str, version: int = 1,
+                config: dict[str, Any] | None = None) -> Path:
+    """Write an ONNX model and its config.yaml into the repository; return the .onnx path."""
     folder = Path(repository) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
     path = folder / str(version) / OnnxRuntime.filename
-    path.write_bytes(onnx_model.SerializeToString())
+    path.write_bytes(onnx_bytes)
     (folder / "config.yaml").write_text(yaml.safe_dump(config or DEFAULT_CONFIG, sort_keys=False))
     return path
 

@@ -1,0 +1,95 @@
+"""The ledger as it was before migrations: replicas, usage_log (+ the usage view), batches,
+training_runs. Creates only what is missing, so ledgers made by create_all are adopted.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-23
+"""
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects.postgresql import JSONB
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+_JSON = sa.JSON().with_variant(JSONB(), "postgresql")
+# PicoAmount: exact NUMERIC(38, 0) on PostgreSQL, decimal text on SQLite
+_PICO = sa.Numeric(38, 0).with_variant(sa.String(40), "sqlite")
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    have = set(sa.inspect(bind).get_table_names())
+    if "replicas" not in have:
+        op.create_table(
+            "replicas",
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("started_at", sa.Float, nullable=False),
+            sa.Column("host", sa.String(256), nullable=False),
+            sa.Column("pid", sa.Integer, nullable=False),
+        )
+    if "usage_log" not in have:
+        op.create_table(
+            "usage_log",
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("ts", sa.Float, nullable=False),
+            sa.Column("model", sa.String(128), nullable=False),
+            sa.Column("version", sa.String(32), nullable=False),
+            sa.Column("batch_id", sa.BigInteger),
+            sa.Column("batch_size", sa.Integer, nullable=False),
+            sa.Column("compute_ms", sa.Float, nullable=False),
+            sa.Column("requests", _JSON, nullable=False),
+        )
+        op.create_index("ix_usage_log_ts", "usage_log", ["ts"])
+    if "batches" not in have:
+        op.create_table(
+            "batches",
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("ts", sa.Float, nullable=False),
+            sa.Column("model", sa.String(128), nullable=False),
+            sa.Column("version", sa.String(32), nullable=False),
+            sa.Column("device", sa.String(64), nullable=False),
+            sa.Column("pricing", sa.String(16), nullable=False),
+            sa.Column("share", sa.Float, nullable=False),
+            sa.Column("size", sa.Integer, nullable=False),
+            sa.Column("requests", sa.Integer, nullable=False),
+            sa.Column("compute_ms", sa.Float, nullable=False),
+            sa.Column("cost_pusd", sa.BigInteger, nullable=False),
+        )
+        op.create_index("ix_batches_ts", "batches", ["ts"])
+    if "training_runs" not in have:
+        op.create_table(
+            "training_runs",
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("model", sa.String(128), nullable=False),
+            sa.Column("version", sa.String(32), nullable=False),
+            sa.Column("device", sa.String(64), nullable=False),
+            sa.Column("pricing", sa.String(16), nullable=False),
+            sa.Column("devices", sa.Integer, nullable=False),
+            sa.Column("share", sa.Float, nullable=False),
+            sa.Column("started_at", sa.Float, nullable=False),
+            sa.Column("wall_s", sa.Float, nullable=False),
+            sa.Column("cpu_s", sa.Float),
+            sa.Column("gpu_s", sa.Float),
+            sa.Column("peak_rss_bytes", sa.BigInteger),
+            sa.Column("energy_kwh", sa.Float, nullable=False),
+            sa.Column("cost_pusd", _PICO, nullable=False),
+            sa.Column("source", sa.String(16), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("params", _JSON),
+            sa.Column("notes", sa.Text),
+        )
+        op.create_index("ix_training_runs_model_version", "training_runs",
+                        ["model", "version"])
+    from frugalserve.economics.ledger import _usage_view_sql
+
+    op.execute(_usage_view_sql(bind.dialect.name))
+
+
+def downgrade() -> None:
+    op.execute("DROP VIEW IF EXISTS usage")
+    for name in ("training_runs", "batches", "usage_log", "replicas"):
+        op.drop_table(name)

@@ -1,0 +1,85 @@
+"""Ledgers for the rollup, report and migration tests: a fresh PostgreSQL schema per test (as in
+test_metering.py), SQLite files, and synthetic batches written the way the server writes them
+(LedgerWriter.add_batch / add_usage, then flush)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from itertools import count
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+PG_URL = os.environ.get("FRUGALSERVE_TEST_PG_URL",
+                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def postgres_unavailable() -> str | None:
+    try:
+        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except OperationalError as exc:
+        return f"PostgreSQL is unreachable at {PG_URL}: {exc.orig}"
+    return None
+
+
+@pytest.fixture(name="pg_url")
+def pg_url_fixture():
+    why = postgres_unavailable()
+    if why:
+        pytest.skip(why)
+    schema = f"frugalserve_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(name="ledger_url", params=["sqlite", "postgresql"])
+def ledger_url_fixture(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+_rid = count()
+
+
+def write_batch(writer, ts: float, model: str, version: str,
+                requests: list[tuple[str, int, int, int]], compute_ms: float,
+                device: str = "aws-c7i.large", pricing: str = "on_demand",
+                share: float = 0.5) -> int:
+    """One batch of `requests` = [(tenant, items, cost_pusd, status)], as ServedVersion records
+    it; its cost is the sum of its requests'. Returns the batch id."""
+    batch_id = next(writer.ids)
+    size = sum(r[1] for r in requests)
+    writer.add_batch((batch_id, ts, model, version, device, pricing, share, size, len(requests),
+                      compute_ms, sum(r[2] for r in requests)))
+    records = tuple((next(writer.ids), f"r{next(_rid)}", ts, tenant, items, 1.0, 2.0, cost,
+                     status) for tenant, items, cost, status in requests)
+    writer.add_usage((next(writer.ids), ts, model, version, batch_id, size, compute_ms, records))
+    return batch_id
+
+
+def write_rejected(writer, ts: float, model: str, version: str, tenant: str,
+                   status: int = 503) -> None:
+    record = (next(writer.ids), f"r{next(_rid)}", ts, tenant, 0, 0.0, 1.0, 0, status)
+    writer.add_usage((next(writer.ids), ts, model, version, None, 0, 0.0, (record,)))
+
+
+def rows(url: str, sql: str, **params) -> list[tuple]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()

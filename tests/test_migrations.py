@@ -1,0 +1,120 @@
+"""Alembic migrations of the ledger on SQLite and PostgreSQL (a fresh schema per test): a fresh
+ledger reaches head; a ledger from before migrations (tables made by create_all, raw rows in
+them) is adopted and its rollups backfilled; downgrade and upgrade again; the CLI command."""
+
+from __future__ import annotations
+
+from ledger_support import (  # noqa: F401 - fixtures
+    ledger_url_fixture,
+    pg_url_fixture,
+    rows,
+)
+from sqlalchemy import create_engine, inspect, text
+from typer.testing import CliRunner
+
+from frugalserve.cli import app
+from frugalserve.economics import migrations
+from frugalserve.economics.ledger import (
+    ROLLUPS,
+    LedgerWriter,
+    _usage_view_sql,
+    batches,
+    open_engine,
+    replicas,
+    training_runs,
+    usage_log,
+)
+
+OWN = ("replicas", "usage_log", "batches", "training_runs", "usage_rollup", "batch_rollup",
+       "batch_size_rollup")
+
+
+def test_fresh_ledger_reaches_head_with_the_declared_schema(ledger_url):
+    engine = open_engine(ledger_url)
+    assert migrations.current(engine) == migrations.head()
+    insp = inspect(engine)
+    assert set(OWN) <= set(insp.get_table_names())
+    for table in (replicas, usage_log, batches, training_runs, *ROLLUPS):
+        assert {c["name"] for c in insp.get_columns(table.name)} == \
+            {c.name for c in table.columns}, table.name
+        pk = insp.get_pk_constraint(table.name)["constrained_columns"]
+        assert set(pk) == {c.name for c in table.primary_key.columns}, table.name
+    assert "usage" in insp.get_view_names()
+    # a second open is a no-op, and the writer works on the migrated schema
+    open_engine(ledger_url)
+    writer = LedgerWriter(engine, flush_interval_s=3600)
+    writer.close()
+    assert rows(ledger_url, "SELECT count(*) FROM replicas WHERE stopped_at IS NOT NULL") == \
+        [(1,)]
+
+
+def test_a_ledger_from_before_migrations_is_adopted_and_backfilled(ledger_url):
+    engine = create_engine(ledger_url)
+    # the schema as create_all made it before this change: no alembic_version, no rollups
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE replicas (id INTEGER PRIMARY KEY, started_at FLOAT "
+                          "NOT NULL, host VARCHAR(256) NOT NULL, pid INTEGER NOT NULL)"))
+    for table in (usage_log, batches):
+        table.create(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_usage_view_sql(engine.dialect.name))
+        conn.execute(text("INSERT INTO replicas VALUES (3, 1.0, 'h', 1)"))
+        rid = 3 << 40
+        ts = 1_790_000_030.5
+        conn.execute(batches.insert(), [
+            {"id": rid + 1, "ts": ts, "model": "m", "version": "1", "device": "d",
+             "pricing": "on_demand", "share": 0.5, "size": 3, "requests": 2,
+             "compute_ms": 2.0, "cost_pusd": 30}])
+        conn.execute(usage_log.insert(), [
+            {"id": rid + 2, "ts": ts, "model": "m", "version": "1", "batch_id": rid + 1,
+             "batch_size": 3, "compute_ms": 2.0,
+             "requests": [[rid + 3, "a", ts, "acme", 2, 1.0, 3.0, 20, 200],
+                          [rid + 4, "b", ts + 1, "globex", 1, 1.0, 3.0, 10, 200]]},
+            {"id": rid + 5, "ts": ts, "model": "m", "version": "1", "batch_id": None,
+             "batch_size": 0, "compute_ms": 0.0,
+             "requests": [[rid + 6, "c", ts, "acme", 0, 0.0, 1.0, 0, 503]]}])
+    engine.dispose()
+
+    engine = open_engine(ledger_url)
+    assert migrations.current(engine) == migrations.head()
+    minute = 1_790_000_030 - 1_790_000_030 % 60
+    got = rows(ledger_url, "SELECT minute, tenant, requests, ok, errors, items, cost_pusd "
+                           "FROM usage_rollup ORDER BY tenant")
+    assert [tuple(int(x) if not isinstance(x, str) else x for x in r) for r in got] == [
+        (minute, "acme", 2, 1, 1, 2, 20), (minute, "globex", 1, 1, 0, 1, 10)]
+    got = rows(ledger_url, "SELECT replica_id, batches, rows, requests, cost_pusd "
+                           "FROM batch_rollup")
+    assert [tuple(int(x) for x in r) for r in got] == [(3, 1, 3, 2, 30)]
+    got = rows(ledger_url, "SELECT size, batches, cost_pusd FROM batch_size_rollup")
+    assert [tuple(int(x) for x in r) for r in got] == [(3, 1, 30)]
+    assert {c["name"] for c in inspect(engine).get_columns("replicas")} >= \
+        {"last_seen_at", "stopped_at"}
+
+
+def test_downgrade_and_upgrade_again(ledger_url):
+    engine = open_engine(ledger_url)
+    migrations.upgrade(engine, "0001")  # already past it: a no-op
+    from alembic import command
+
+    with engine.begin() as conn:
+        cfg = migrations.config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    assert migrations.current(engine) == "0001"
+    assert "usage_rollup" not in inspect(engine).get_table_names()
+    migrations.upgrade(engine)
+    assert migrations.current(engine) == migrations.head()
+    assert "usage_rollup" in inspect(engine).get_table_names()
+
+
+def test_cli_ledger_upgrade_and_prune(ledger_url):
+    runner = CliRunner()
+    result = runner.invoke(app, ["ledger", "upgrade", "--ledger", ledger_url])
+    assert result.exit_code == 0, result.output
+    assert f"revision {migrations.head()}" in result.output
+    assert "unversioned" in result.output
+    result = runner.invoke(app, ["ledger", "upgrade", "--ledger", ledger_url])
+    assert result.exit_code == 0 and "was 0002" in result.output
+    result = runner.invoke(app, ["ledger", "prune", "--ledger", ledger_url, "--days", "7"])
+    assert result.exit_code == 0, result.output
+    assert "usage_log" in result.output

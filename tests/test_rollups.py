@@ -1,0 +1,172 @@
+"""Per-minute rollups: written by the LedgerWriter in the same transaction as the raw rows, equal
+to them at every key; raw rows expire by retention while the rollups stay; and after a real load
+run with several tenants the money reconciles to the pico-dollar. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import support
+from conftest import DIGITS_CONFIG
+from ledger_support import (  # noqa: F401 - fixtures
+    ledger_url_fixture,
+    pg_url_fixture,
+    rows,
+    write_batch,
+    write_rejected,
+)
+
+from frugalserve.economics.ledger import LedgerWriter, open_engine, prune, rollup_usage
+
+T0 = 1_790_000_000.0  # a fixed epoch second: minutes and days land where the test says
+
+
+def _writer(url: str) -> LedgerWriter:
+    return LedgerWriter(open_engine(url), flush_interval_s=3600)
+
+
+def test_rollup_usage_aggregates_per_minute_and_tenant():
+    chunk = (1, T0, "m", "1", 7, 3, 4.0, (
+        (2, "a", T0 + 1, "acme", 2, 1.0, 5.0, 10, 200),
+        (3, "b", T0 + 2, "acme", 1, 2.0, 6.0, 5, 200),
+        (4, "c", T0 + 61, "globex", 1, 3.0, 7.0, 0, 500)))
+    minute = int(T0) - int(T0) % 60
+    assert rollup_usage([chunk]) == [
+        (minute, "m", "1", "1", "acme", 2, 2, 0, 3, 15, 8.0, 3.0, 11.0),
+        (minute + 60, "m", "1", "1", "globex", 1, 0, 1, 1, 0, 4.0, 3.0, 7.0),
+    ]
+
+
+def test_rollups_equal_the_raw_rows_across_flushes(ledger_url):
+    writer = _writer(ledger_url)
+    for i in range(40):  # 40 batches over ~4 minutes, two models, three tenants, two flushes
+        ts = T0 + i * 6
+        write_batch(writer, ts, "m" if i % 3 else "n", "1" if i % 2 else "2",
+                    [("acme", 1 + i % 4, 100 + i, 200), ("globex", 1, 7, 200 if i % 5 else 500),
+                     ("anonymous", 2, 3 * i, 200)][: 1 + i % 3], compute_ms=1.5 + i)
+        write_rejected(writer, ts, "m", "1", "globex")
+        if i == 19:
+            assert writer.flush()
+    assert writer.flush()
+    writer.close()
+
+    raw = rows(ledger_url, """
+        SELECT CAST(ts AS BIGINT) - CAST(ts AS BIGINT) % 60, model, version, tenant, count(*),
+               sum(CASE WHEN status = 200 THEN 1 ELSE 0 END), sum(items), sum(cost_pusd)
+        FROM usage GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""")
+    rolled = rows(ledger_url, """
+        SELECT minute, model, version, tenant, requests, ok, items, cost_pusd
+        FROM usage_rollup ORDER BY 1, 2, 3, 4""")
+    assert [tuple(int(x) if not isinstance(x, str) else x for x in r) for r in raw] == \
+        [tuple(int(x) if not isinstance(x, str) else x for x in r) for r in rolled]
+    assert rows(ledger_url, "SELECT count(*) FROM usage_rollup WHERE variant <> version") == [(0,)]
+    # busy time: per minute and replica, and per day and batch size, equal the raw batches
+    raw_b = rows(ledger_url, "SELECT count(*), sum(size), sum(compute_ms), sum(cost_pusd) "
+                             "FROM batches")[0]
+    for table in ("batch_rollup", "batch_size_rollup"):
+        got = rows(ledger_url, f"SELECT sum(batches), sum(rows), sum(compute_ms), "
+                               f"sum(cost_pusd) FROM {table}")[0]
+        assert int(got[0]) == raw_b[0] and int(got[1]) == int(raw_b[1])
+        assert got[2] == pytest.approx(raw_b[2]) and int(got[3]) == int(raw_b[3])
+    assert rows(ledger_url, "SELECT DISTINCT replica_id FROM batch_rollup") == \
+        [(writer.replica_id,)]
+    # a clean close stamps the replica's uptime
+    (seen, stopped), = rows(ledger_url, "SELECT last_seen_at, stopped_at FROM replicas")
+    assert stopped is not None and seen is not None
+
+
+def test_prune_expires_raw_rows_and_keeps_rollups(ledger_url):
+    writer = _writer(ledger_url)
+    now = time.time()
+    old, new = now - 40 * 86400, now - 3600
+    write_batch(writer, old, "m", "1", [("acme", 1, 11, 200)], 1.0)
+    write_batch(writer, new, "m", "1", [("acme", 1, 13, 200), ("globex", 2, 17, 200)], 1.0)
+    writer.flush()
+    writer.close()
+    before = rows(ledger_url, "SELECT tenant, sum(cost_pusd) FROM usage_rollup GROUP BY tenant "
+                              "ORDER BY tenant")
+    deleted = prune(open_engine(ledger_url), retention_days=30)
+    assert deleted == {"usage_log": 1, "batches": 1}
+    assert rows(ledger_url, "SELECT count(*) FROM usage") == [(2,)]
+    assert rows(ledger_url, "SELECT tenant, sum(cost_pusd) FROM usage_rollup GROUP BY tenant "
+                            "ORDER BY tenant") == before
+    assert prune(open_engine(ledger_url), retention_days=30) == {"usage_log": 0, "batches": 0}
+
+
+def test_the_writer_thread_prunes_by_retention(tmp_path):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = LedgerWriter(open_engine(url), flush_interval_s=0.02, retention_days=1,
+                          prune_interval_s=0.05)
+    writer._next_prune = 0.0
+    write_batch(writer, time.time() - 3 * 86400, "m", "1", [("acme", 1, 5, 200)], 1.0)
+    writer.flush()
+    writer.start()
+    support.wait_for(lambda: rows(url, "SELECT count(*) FROM batches") == [(0,)],
+                     what="the writer's periodic prune")
+    writer.close()
+    assert rows(url, "SELECT sum(cost_pusd) FROM usage_rollup") == [(5,)]
+
+
+# -- money reconciliation after a real load run ----------------------------------------------
+
+TENANTS = ("acme", "globex", "initech", None)  # None: no tenant given: "anonymous"
+
+
+@pytest.fixture(scope="module")
+def recon_repo(tmp_path_factory, artifacts):
+    repo = tmp_path_factory.mktemp("recon") / "models"
+    support.write_model(repo, "digits", {"1": artifacts.lr_onnx, "2": artifacts.mlp_onnx},
+                        DIGITS_CONFIG)
+    support.write_model(repo, "other", {"1": artifacts.lr_onnx}, {
+        **DIGITS_CONFIG, "device": {"type": "nvidia-t4", "share": 0.25, "pricing": "spot"}})
+    return repo
+
+
+def test_money_reconciles_across_tenants_models_and_device_busy_cost(recon_repo, artifacts,
+                                                                      ledger_url):
+    requests, expected_ok = [], 0
+    for i in range(240):
+        tenant = TENANTS[i % len(TENANTS)]
+        headers = {} if tenant is None else {"X-Tenant": tenant}
+        path = ("/v2/models/other/infer" if i % 3 == 0 else
+                "/v2/models/digits/versions/1/infer" if i % 3 == 1 else
+                "/v2/models/digits/infer")
+        x = artifacts.distinct_rows(1 + i % 3, start=5 * i)
+        requests.append(support.Req("POST", path, json=support.json_body({"X": x}),
+                                    headers=headers))
+        expected_ok += 1
+    bad = support.Req("POST", "/v2/models/digits/infer", headers={"X-Tenant": "acme"},
+                      json=support.json_body({"X": np.zeros((1, 63), np.float32)}))
+    settings = support.settings(recon_repo, ledger_url=ledger_url, flush_interval_s=0.05)
+    with support.LiveServer(settings) as live:
+        replies = support.run_concurrently(live.url, requests + [bad] * 6)
+    assert sum(r.status_code == 200 for r in replies) == expected_ok
+    served = sum(support.doc_of(r)["parameters"]["cost_pico_usd"] for r in replies
+                 if r.status_code == 200)
+
+    by_tenant = dict(rows(ledger_url, "SELECT tenant, sum(cost_pusd) FROM usage_rollup "
+                                      "GROUP BY tenant"))
+    by_model = dict(rows(ledger_url, "SELECT model, sum(cost_pusd) FROM usage_rollup "
+                                     "GROUP BY model"))
+    (busy,), = rows(ledger_url, "SELECT sum(cost_pusd) FROM batches")
+    (busy_rollup,), = rows(ledger_url, "SELECT sum(cost_pusd) FROM batch_rollup")
+    assert set(by_tenant) == {"acme", "globex", "initech", "anonymous"}
+    assert set(by_model) == {"digits", "other"}
+    tenants_total = sum(int(v) for v in by_tenant.values())
+    models_total = sum(int(v) for v in by_model.values())
+    assert tenants_total == models_total == int(busy) == int(busy_rollup) == served > 0
+    # and per tenant, the rollup is exactly the raw per-request view
+    raw = defaultdict(int)
+    for tenant, cost in rows(ledger_url, "SELECT tenant, cost_pusd FROM usage"):
+        raw[tenant] += int(cost)
+    assert {t: int(v) for t, v in by_tenant.items()} == dict(raw)
+    # per device: the busy cost of each model's device is its batches' cost
+    per_device = dict(rows(ledger_url, "SELECT device, sum(cost_pusd) FROM batches "
+                                       "GROUP BY device"))
+    assert int(per_device["nvidia-t4"]) == int(by_model["other"])
+    assert int(per_device["aws-c7i.large"]) == int(by_model["digits"])
+    (errors,), = rows(ledger_url, "SELECT sum(errors) FROM usage_rollup WHERE tenant = 'acme'")
+    assert int(errors) == 6

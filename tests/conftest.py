@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import support
+from ledger_support import ledger_url_fixture, pg_url_fixture  # noqa: F401 - fixtures
 from onnx import TensorProto, helper
 from skl2onnx import to_onnx
 from sklearn.datasets import load_digits

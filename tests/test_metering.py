@@ -3,9 +3,7 @@ per request, and request costs add up exactly to batch costs. On SQLite and on P
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -13,50 +11,8 @@ import pytest
 import support
 from conftest import DIGITS_CONFIG
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
-
-PG_URL = os.environ.get("FRUGALSERVE_TEST_PG_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
 
 # -- ledgers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres_available() -> str | None:
-    """None when PostgreSQL answers, else why not."""
-    try:
-        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-    except OperationalError as exc:
-        return f"PostgreSQL is unreachable at {PG_URL}: {exc.orig}"
-    return None
-
-
-@pytest.fixture
-def pg_url(postgres_available):
-    """A fresh schema per test (its own usage, batches and replicas tables), dropped after."""
-    if postgres_available:
-        pytest.skip(postgres_available)
-    schema = f"frugalserve_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture(scope="module")

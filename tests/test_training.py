@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import types
-import uuid
 import warnings
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -20,7 +19,6 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 import frugalserve
@@ -43,8 +41,6 @@ from frugalserve.economics.training import (
 from frugalserve.repository.config import ModelConfig
 
 PICO = 10**12
-PG_URL = os.environ.get("FRUGALSERVE_TEST_PG_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="module")
@@ -258,43 +254,6 @@ def test_a_model_config_can_ask_for_on_prem_pricing_and_the_server_can_price_it(
 
 
 # -- ledgers --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres_unavailable() -> str | None:
-    """None when PostgreSQL answers, else why not."""
-    try:
-        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-    except OperationalError as exc:
-        return f"PostgreSQL is unreachable at {PG_URL}: {exc.orig}"
-    return None
-
-
-@pytest.fixture
-def pg_url(postgres_unavailable):
-    """A fresh schema per test, dropped after."""
-    if postgres_unavailable:
-        pytest.skip(postgres_unavailable)
-    schema = f"frugalserve_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 def exact_cost(usd_per_hour: Decimal, seconds: float, share: float = 1.0) -> int:

@@ -1,8 +1,10 @@
-"""What the benchmark installs for itself: wrk (apt), FastAPI (project venv), MLServer (its own
-virtualenv, bench/.venv-mlserver)."""
+"""What the benchmark installs for itself: wrk (apt), FastAPI and torch (project venv), MLServer
+(its own virtualenv, bench/.venv-mlserver)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
@@ -11,6 +13,8 @@ import sys
 from servers import MLSERVER_VENV
 
 MLSERVER_VERSION = "1.7.1"
+# trains the compute-bound CNN; pinned: the CPU wheel (an unpinned torch pulls CUDA packages)
+TORCH_VERSION = "2.13.0"
 # httptools: so MLServer's uvicorn parses HTTP with the same C parser as the other servers
 MLSERVER_EXTRAS = ["onnxruntime", "httptools"]
 
@@ -31,6 +35,22 @@ def ensure_fastapi() -> None:
         done = _quiet([sys.executable, "-m", "pip", "install", "-q", "fastapi"])
         if done.returncode != 0:
             raise RuntimeError(f"pip install fastapi failed:\n{done.stderr}")
+
+
+def ensure_torch() -> str | None:
+    """Install torch==TORCH_VERSION into the project venv if it is missing, showing pip's own
+    output (its progress bars); returns a note when another version is installed."""
+    if importlib.util.find_spec("torch") is None:
+        print(f"installing torch=={TORCH_VERSION} into {sys.prefix} (trains the CNN)", flush=True)
+        argv = [sys.executable, "-m", "pip", "install", "--progress-bar", "on",
+                f"torch=={TORCH_VERSION}"]
+        if subprocess.run(argv).returncode != 0:
+            raise RuntimeError(f"pip install torch=={TORCH_VERSION} failed (output above)")
+        importlib.invalidate_caches()
+    version = importlib.metadata.version("torch")
+    if version.split("+")[0] != TORCH_VERSION:
+        return f"torch {version} is installed, not {TORCH_VERSION}; the CNN was trained with it."
+    return None
 
 
 def _mlserver_version() -> str | None:

@@ -29,7 +29,7 @@ import onnxruntime
 import report
 import servers
 import workloads
-from deps import ensure_fastapi, ensure_mlserver, ensure_wrk
+from deps import ensure_fastapi, ensure_mlserver, ensure_torch, ensure_wrk
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -276,8 +276,12 @@ def run_bench(argv: list[str], console: Console) -> int:
         console.print("[red]needs two cores: servers on core 0, wrk on core 1")
         return 2
     mlserver_version, notes = _prepare(options, console)
+    if note := ensure_torch():
+        notes.append(note)
     with console.status("training or loading the models (cached in bench/out/models)"):
-        small, large = workloads.digits(OUT / "models"), workloads.fashion(OUT / "models")
+        small = workloads.digits(OUT / "models")
+    # outside the status spinner: training shows its own progress bar
+    large = workloads.fashion_cnn_workload(OUT / "models", console)
     results = _new_results(argv, options, mlserver_version, (small, large), notes)
     os.sched_setaffinity(0, {loadgen.WRK_CORE})  # keep this process off the servers' core
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

@@ -497,12 +497,10 @@ def budgets_list(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     from rich.table import Table
 
     from .economics import budgets
-    from .economics.keys import ensure_schema
     from .economics.training import open_ledger
     from .serving.admission import usd
 
     engine = open_ledger(ledger)
-    ensure_schema(engine)
     console = Console()
     if not console.is_terminal:  # piped to a file: keep the columns unwrapped
         console.width = max(console.width, 140)
@@ -542,11 +540,9 @@ def budgets_alerts(limit: int = typer.Option(50, help="How many, newest first.")
     from rich.table import Table
 
     from .economics.alerts import list_alerts
-    from .economics.keys import ensure_schema
     from .economics.training import open_ledger
 
     engine = open_ledger(ledger)
-    ensure_schema(engine)
     table = Table(title="budget alerts")
     for col in ("time (UTC)", "action", "message"):
         table.add_column(col)

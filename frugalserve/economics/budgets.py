@@ -157,9 +157,6 @@ def period_bounds(period: str, now: float) -> tuple[float, float | None]:
 
 def set_budget(engine: Engine, budget: Budget) -> int:
     """Create or replace the budget of (scope, target, period); its id."""
-    from .keys import ensure_schema
-
-    ensure_schema(engine)
     values = {"amount_pusd": budget.amount_pusd,
               "thresholds": [[t.percent, t.action] for t in budget.thresholds],
               "fallback_model": budget.fallback_model}
@@ -177,9 +174,6 @@ def set_budget(engine: Engine, budget: Budget) -> int:
 
 
 def delete_budget(engine: Engine, budget_id: int) -> bool:
-    from .keys import ensure_schema
-
-    ensure_schema(engine)
     with engine.begin() as conn:
         return conn.execute(delete(budgets).where(budgets.c.id == budget_id)).rowcount > 0
 

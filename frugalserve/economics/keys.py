@@ -54,16 +54,6 @@ def hash_key(key: str | bytes) -> str:
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create the governance tables (keys, budgets, alerts) where they are missing; a ledger
-    made by create_all already has them, this covers one made by migrations."""
-    from .alerts import alerts
-    from .budgets import budgets
-
-    for table in (api_keys, budgets, alerts):
-        table.create(engine, checkfirst=True)
-
-
 def create_key(engine: Engine, tenant: str, tier: str = "standard", admin: bool = False,
                name: str | None = None) -> tuple[KeyInfo, str]:
     """A new key for a tenant: (its record, the key itself, to show once)."""
@@ -77,7 +67,6 @@ def create_key(engine: Engine, tenant: str, tier: str = "standard", admin: bool 
     key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     now = time.time()
-    ensure_schema(engine)
     with engine.begin() as conn:
         conn.execute(api_keys.insert().values(
             key_id=key_id, key_hash=hash_key(key), tenant=tenant, tier=tier, admin=admin,
@@ -87,7 +76,6 @@ def create_key(engine: Engine, tenant: str, tier: str = "standard", admin: bool 
 
 def revoke_key(engine: Engine, key_id: str) -> bool:
     """Revoke a key by its id; False when there is no such active key."""
-    ensure_schema(engine)
     with engine.begin() as conn:
         result = conn.execute(update(api_keys)
                               .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
@@ -96,7 +84,6 @@ def revoke_key(engine: Engine, key_id: str) -> bool:
 
 
 def list_keys(engine: Engine, include_revoked: bool = True) -> list[KeyInfo]:
-    ensure_schema(engine)
     query = select(api_keys).order_by(api_keys.c.id)
     if not include_revoked:
         query = query.where(api_keys.c.revoked_at.is_(None))

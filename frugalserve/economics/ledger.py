@@ -276,8 +276,6 @@ def open_engine(url: str) -> Engine:
     from .migrations import upgrade
 
     upgrade(engine)
-    # tables declared in code but not (yet) in a migration: created as before, never altered
-    metadata.create_all(engine)
     return engine
 
 

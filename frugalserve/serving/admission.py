@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from ..economics.alerts import AlertSink
 from ..economics.budgets import Budget, list_budgets, load_budgets_file, period_bounds, spent_since
-from ..economics.keys import ensure_schema, hash_key, load_key_table
+from ..economics.keys import hash_key, load_key_table
 from .errors import BudgetExceeded, Forbidden, InferenceError, Unauthorized
 from .types import ANONYMOUS, InferenceRequest
 
@@ -160,8 +160,6 @@ class Admission:
     async def start(self, resolve: Callable[[str, str | None], ServedVersion]) -> None:
         self._loop = asyncio.get_running_loop()
         self._resolve = resolve
-        if self.engine is not None:
-            await asyncio.to_thread(ensure_schema, self.engine)
         await self.refresh()
         if self.alerts is not None:
             self.alerts.start()

@@ -13,6 +13,14 @@ _LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = [==[{body}]==]
 """
+# a binary body cannot sit in a Lua long string: the script reads it from a file
+_LUA_BINARY = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = "{header_length}"
+local file = assert(io.open([==[{path}]==], "rb"))
+wrk.body = file:read("*a")
+file:close()
+"""
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,16 @@ def write_script(body: bytes, path: Path) -> Path:
     if "]==]" in text:
         raise ValueError("the request body cannot be quoted as a Lua long string")
     path.write_text(_LUA.format(body=text))
+    return path
+
+
+def write_binary_script(body: bytes, header_length: int, path: Path) -> Path:
+    """A script for a V2 binary-extension request: the body goes to `path` with suffix .bin."""
+    data_path = path.with_suffix(".bin").resolve()
+    if "]==]" in str(data_path):
+        raise ValueError("the body's path cannot be quoted as a Lua long string")
+    data_path.write_bytes(body)
+    path.write_text(_LUA_BINARY.format(header_length=header_length, path=data_path))
     return path
 
 

@@ -49,6 +49,7 @@ class Server:
     prepare: Callable[[Workload, int, Path], Launch]
     # base URL -> the server's own cumulative counters (requests, batches, busy_seconds)
     counters: Callable[[str], dict[str, float]] | None = None
+    binary: bool = False  # the load sends V2 binary-extension requests instead of JSON
 
 
 def free_port() -> int:
@@ -111,6 +112,8 @@ def _frugalserve_counters(base_url: str) -> dict[str, float]:
 
 FRUGAL = Server("frugalserve", "frugalserve", _frugalserve(metering=True),
                 _frugalserve_counters)
+FRUGAL_BINARY = Server("frugalserve-binary", "frugalserve binary", _frugalserve(metering=True),
+                       _frugalserve_counters, binary=True)
 FRUGAL_OFF = Server("frugalserve-nometer", "frugalserve no-metering", _frugalserve(False),
                     _frugalserve_counters)
 NAIVE = Server("naive", "naive FastAPI", _naive)
@@ -128,8 +131,9 @@ def _get_status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
-def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+def post(url: str, body: bytes, timeout: float = 10.0,
+         headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, body, headers or {"Content-Type": "application/json"})
     try:
         with _LOCAL.open(request, timeout=timeout) as response:
             return response.status, response.read()

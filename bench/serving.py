@@ -4,8 +4,10 @@ ceiling and raw onnxruntime, measured side by side in one run on the same models
     .venv/bin/python bench/serving.py [--duration 10] [--quick] [--skip-mlserver]
 
 Each server runs alone, pinned to core 0; wrk runs pinned to core 1 and sends single-sample V2
-JSON requests over 1, 8 and 64 connections. Writes bench/out/serving.{json,png}, logs under
-bench/out/logs/, and (except --quick) a dated section in BENCHMARKS.md.
+JSON requests over 1, 8 and 64 connections (for the compute-bound model, frugalserve also gets
+the same request in V2's binary tensor extension, as Triton's client sends it). Writes
+bench/out/serving.{json,png}, logs under bench/out/logs/, and (except --quick) a dated section
+in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from types import FrameType
 import engine
 import loadgen
 import machine
+import numpy as np
 import onnxruntime
+import orjson
 import report
 import servers
 import workloads
@@ -103,7 +107,8 @@ def plan(small: workloads.Workload, large: workloads.Workload,
     return [
         Scenario(small, (servers.FRUGAL, servers.FRUGAL_OFF, servers.NAIVE, *peers,
                          servers.BARE), CONNECTIONS),
-        Scenario(large, (servers.FRUGAL, servers.NAIVE, *peers, servers.BARE),
+        Scenario(large, (servers.FRUGAL, servers.FRUGAL_BINARY, servers.NAIVE, *peers,
+                         servers.BARE),
                  COMPUTE_BOUND_CONNECTIONS),
     ]
 
@@ -122,10 +127,14 @@ class Bench:
         self.progress.update(self.task, total=total)
         for scenario in scenarios:
             self._engine(scenario)
-            script = loadgen.write_script(scenario.workload.body(),
-                                          self.scratch / f"{scenario.workload.name}.lua")
+            wl = scenario.workload
+            script = loadgen.write_script(wl.body(), self.scratch / f"{wl.name}.lua")
+            binary = None
+            if any(server.binary for server in scenario.servers):
+                binary = loadgen.write_binary_script(*wl.binary_body(),
+                                                     self.scratch / f"{wl.name}-binary.lua")
             for server in scenario.servers:
-                self._server(scenario, server, script)
+                self._server(scenario, server, binary if server.binary and binary else script)
         self.progress.update(self.task, description="done", completed=total)
 
     def _step(self, text: str) -> None:
@@ -236,6 +245,31 @@ def _check_answer(running: servers.Running, wl: workloads.Workload) -> None:
     status, body = servers.post(running.infer_url, wl.body())
     if status != 200 or b'"outputs"' not in body:
         raise RuntimeError(f"{running.server.label} answered {status}: {body[:300]!r}")
+    if running.server.binary:
+        _check_binary_answer(running, wl, body)
+
+
+def _check_binary_answer(running: servers.Running, wl: workloads.Workload,
+                         json_answer: bytes) -> None:
+    """The binary request must get the JSON request's answer: same outputs, same label."""
+    payload, header_length = wl.binary_body()
+    status, body = servers.post(running.infer_url, payload, headers={
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length)})
+    if status != 200:
+        raise RuntimeError(f"{running.server.label} answered the binary request {status}: "
+                           f"{body[:300]!r}")
+    try:
+        got = {o["name"]: o for o in orjson.loads(body)["outputs"]}
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"{running.server.label}: the binary request's answer is not V2 "
+                           f"JSON ({exc}): {body[:300]!r}") from None
+    want = {o["name"]: o for o in orjson.loads(json_answer)["outputs"]}
+    if got.keys() != want.keys() or got["label"]["data"] != want["label"]["data"] or any(
+            not np.allclose(got[n]["data"], want[n]["data"], rtol=1e-4, atol=1e-6)
+            for n in want):
+        raise RuntimeError(f"{running.server.label}: the binary request's answer differs from "
+                           f"the JSON request's: {body[:300]!r} vs {json_answer[:300]!r}")
 
 
 def _command(argv: list[str]) -> str:

@@ -44,6 +44,17 @@ class Workload:
         tensor = {"name": "X", "shape": [1, len(row)], "datatype": "FP32", "data": row}
         return orjson.dumps({"inputs": [tensor]})
 
+    def binary_body(self) -> tuple[bytes, int]:
+        """The same request with the tensor in V2's binary extension (what Triton's Python
+        client sends by default): a JSON header, then the raw float32 bytes. Like `body()` it
+        names no `outputs`, so both ask for every output, answered in JSON. Returns the body
+        and the header's length (the Inference-Header-Content-Length header)."""
+        raw = np.ascontiguousarray(self.sample, dtype="<f4").tobytes()
+        tensor = {"name": "X", "shape": [1, self.sample.size], "datatype": "FP32",
+                  "parameters": {"binary_data_size": len(raw)}}
+        header = orjson.dumps({"inputs": [tensor]})
+        return header + raw, len(header)
+
 
 def digits(models_dir: Path) -> Workload:
     data = load_digits()

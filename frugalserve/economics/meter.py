@@ -7,7 +7,6 @@ attributed; pico-dollars keep four significant digits there and still sum exactl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -42,7 +41,7 @@ class Meter:
         return round(seconds * self.pico_per_second)
 
 
-def split_cost(total: int, weights: Sequence[int]) -> list[int]:
+def split_cost(total: int, weights: list[int]) -> list[int]:
     """Split an integer amount in proportion to weights so that the parts sum to it exactly.
 
     Each part is floored; the remainder goes one unit at a time to the largest fractional
@@ -53,6 +52,9 @@ def split_cost(total: int, weights: Sequence[int]) -> list[int]:
         raise ValueError("weights must sum to a positive number")
     if len(weights) == 1:
         return [total]
+    if weights.count(weights[0]) == len(weights):  # the common case: one row per request
+        part, short = divmod(total, len(weights))
+        return [part + 1] * short + [part] * (len(weights) - short)
     parts = [total * w // whole for w in weights]
     short = total - sum(parts)
     if short:

@@ -46,6 +46,7 @@ test: install services
 
 bench: install
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/metering.py
 
 clean:
 	rm -rf $(VENV) runs bench/out

@@ -26,6 +26,9 @@ from .serving import DataPlane
 from .serving.admission import Admission
 
 LEDGER_FILE = "frugalserve-ledger.db"
+# A worker thread that finishes a batch waits for the GIL while the event loop parses requests;
+# the default 5 ms switch interval idles the engine for that long per batch.
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -94,9 +97,7 @@ def run_server(settings: ServerSettings, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM, then finish in-flight requests and flush the ledger."""
     server = build_server(settings, host, port)
 
-    # A worker thread that finishes a batch waits for the GIL while the event loop parses
-    # requests; the default 5 ms switch interval idles the engine for that long per batch.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -144,6 +145,7 @@ class ServerThread:
             self._ready.set()
 
     def start(self, timeout_s: float = 120.0) -> ServerThread:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # process-wide: the host program shares it
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise TimeoutError("server did not start in time")

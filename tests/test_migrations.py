@@ -118,3 +118,18 @@ def test_cli_ledger_upgrade_and_prune(ledger_url):
     result = runner.invoke(app, ["ledger", "prune", "--ledger", ledger_url, "--days", "7"])
     assert result.exit_code == 0, result.output
     assert "usage_log" in result.output
+
+
+def test_a_first_ledger_with_a_usage_table_gets_the_view_and_keeps_its_rows(ledger_url):
+    """The very first ledgers kept one `usage` row per request; the view takes the name."""
+    raw = create_engine(ledger_url)
+    with raw.begin() as conn:
+        conn.execute(text("CREATE TABLE usage (id BIGINT PRIMARY KEY, ts FLOAT, model "
+                          "VARCHAR(128), cost_pusd BIGINT, status INTEGER)"))
+        conn.execute(text("INSERT INTO usage VALUES (1, 1.0, 'm', 5, 200)"))
+    raw.dispose()
+    engine = open_engine(ledger_url)
+    assert "usage" in inspect(engine).get_view_names()
+    assert rows(ledger_url, "SELECT count(*) FROM usage") == [(0,)]
+    assert rows(ledger_url, "SELECT model, cost_pusd FROM usage_rows_v0") == [("m", 5)]
+    engine.dispose()

@@ -84,6 +84,10 @@ def upgrade() -> None:
         )
         op.create_index("ix_training_runs_model_version", "training_runs",
                         ["model", "version"])
+    if "usage" in have:
+        # the first ledgers kept a row per request in a `usage` table; the view takes its name
+        # and the old rows stay readable beside it
+        op.rename_table("usage", "usage_rows_v0")
     from frugalserve.economics.ledger import _usage_view_sql
 
     op.execute(_usage_view_sql(bind.dialect.name))

@@ -98,3 +98,15 @@ def test_batches_and_busy_time_are_counted(http, artifacts):
         before.get("frugalserve_busy_seconds_total", **labels)
     assert after.get("frugalserve_batch_size_sum", **labels) - \
         before.get("frugalserve_batch_size_sum", **labels) >= 5
+
+
+def test_requests_for_unknown_models_are_counted_without_their_names(http, artifacts):
+    labels = {"model": "", "version": "", "status": "404"}
+    before = support.scrape(http).get("frugalserve_errors_total", **labels)
+    body = support.json_body({"X": artifacts.X[:1]})
+    for name in ("no-such-model", f"random-{uuid.uuid4().hex}"):
+        assert http.post(f"/v2/models/{name}/infer", json=body).status_code == 404
+    assert http.post("/v2/models/digits/versions/99/infer", json=body).status_code == 404
+    after = support.scrape(http)
+    assert after.get("frugalserve_errors_total", **labels) - before == 3
+    assert not after.matching("frugalserve_errors_total", model="no-such-model")

@@ -92,7 +92,11 @@ class DataPlane:
     # -- the request path --------------------------------------------------------------------
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        served = self._resolve(request.model, request.version)
+        try:
+            served = self._resolve(request.model, request.version)
+        except InferenceError as exc:  # no version to bill: counted under model="" only
+            self.metrics.unresolved[exc.status] += 1
+            raise
         arrival = time.perf_counter()
         future = self._loop.create_future()
         try:

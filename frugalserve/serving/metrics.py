@@ -62,6 +62,9 @@ class VersionStats:
 class ServingMetrics(Collector):
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], VersionStats] = {}
+        # requests for a model or version that is not served, by status; labelled model="" so
+        # that arbitrary names in URLs cannot grow the label set
+        self.unresolved: defaultdict[int, int] = defaultdict(int)
 
     def for_version(self, model: str, version: str) -> VersionStats:
         key = (model, version)
@@ -92,6 +95,8 @@ class ServingMetrics(Collector):
             "batch_size": HistogramMetricFamily("frugalserve_batch_size",
                                                 "Rows per executed batch", labels=labels),
         }
+        for status, n in self.unresolved.items():
+            errors.add_metric(["", "", str(status)], n)
         for s in self._stats.values():
             lv = [s.model, s.version]
             requests.add_metric(lv, s.ok)

@@ -53,11 +53,22 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to a user
     settings = ServerSettings(repository, ledger, rate_card, metering, poll_interval or None,
                               int(max_body_mb * 1024 * 1024), allow_anonymous=allow_anonymous,
                               trust_tenant_header=trust_tenant_header, budgets_file=budgets,
                               alert_webhook=alert_webhook)
-    run_server(settings, host, port)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .economics.ratecard import RateCardError
+    from .repository import RepositoryError
+
+    try:
+        run_server(settings, host, port)
+    except (RepositoryError, RateCardError, SQLAlchemyError, OSError, ValueError) as exc:
+        # a wrong path, price file, ledger URL or a port in use: say which, without a traceback
+        typer.echo(f"frugalserve serve: cannot start: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()

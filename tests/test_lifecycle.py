@@ -132,3 +132,23 @@ def test_cli_serve_and_sigterm(small_repo, tmp_path, artifacts):
     assert _count(ledger, "SELECT count(*) FROM usage WHERE status = 200") == 25
     assert _count(ledger, "SELECT sum(cost_pusd) FROM usage") == \
         _count(ledger, "SELECT sum(cost_pusd) FROM batches")
+
+
+def test_cli_serve_explains_why_it_cannot_start(tmp_path, small_repo):
+    """A wrong repository path, price file or ledger URL: one clear line and exit code 1."""
+    from typer.testing import CliRunner
+
+    from frugalserve.cli import app
+
+    runner = CliRunner()
+    cases = {
+        (str(tmp_path / "nowhere"),): "model repository is not a directory",
+        (str(small_repo), "--rate-card", str(tmp_path / "none.yaml")): "cannot read",
+        (str(small_repo), "--ledger", "postgresql+psycopg://postgres@127.0.0.1:1/test"):
+            "connection",
+    }
+    for args, words in cases.items():
+        result = runner.invoke(app, ["serve", *args, "--port", str(_free_port())])
+        assert result.exit_code == 1, result.output
+        assert "cannot start" in result.output and words in result.output
+        assert "Traceback" not in result.output

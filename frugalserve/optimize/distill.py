@@ -23,7 +23,6 @@ from threadpoolctl import threadpool_limits
 
 from ..economics.training import track_training
 from ..runtimes.onnx import OnnxRuntime
-from ..workloads.onnx_export import OPSET
 from . import graph
 
 
@@ -56,7 +55,10 @@ def distill(teacher: Path, x: np.ndarray, dst: Path, *, hidden: tuple[int, ...] 
     """Fit a student MLP with `hidden` units to the teacher's answers on the unlabelled `x`, record
     the fit as a training run of (`model`, `version`) on `device`, export it to `dst`."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    name = graph.input_name(graph.load(Path(teacher)))
+    teacher_model = graph.load(Path(teacher))
+    name = graph.input_name(teacher_model)
+    # the student speaks the teacher's ONNX opset, so whatever served the teacher serves it
+    opset = max(o.version for o in teacher_model.opset_import if o.domain in ("", "ai.onnx"))
     targets = teacher_answers(teacher, x)
     student = MLPClassifier(hidden_layer_sizes=hidden, max_iter=max_iter, random_state=seed)
     params = {"kind": "distillation", "teacher": str(teacher), "hidden": list(hidden),
@@ -74,7 +76,7 @@ def distill(teacher: Path, x: np.ndarray, dst: Path, *, hidden: tuple[int, ...] 
     for coefs in student.coefs_:
         coefs[np.abs(coefs) < np.finfo(np.float32).tiny] = 0
     onnx_model = to_onnx(student, initial_types=[(name, FloatTensorType([None, x.shape[1]]))],
-                         options={id(student): {"zipmap": False}}, target_opset=OPSET)
+                         options={id(student): {"zipmap": False}}, target_opset=opset)
     graph.save(onnx_model, Path(dst))
     assert run.record is not None
     return Student(Path(dst), hidden, agreement, run.id, run.record.cost_usd, run.record.wall_s)

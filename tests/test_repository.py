@@ -235,15 +235,21 @@ def test_repository_load_reports_the_file_and_problem(tmp_path, artifacts):
 # -- the repository API -----------------------------------------------------------------------
 
 
+def _mixed_repo(tmp_path, artifacts, good: str, held: str, broken: str):
+    """A good model, a held (gated) one and a broken one."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    _good_onnx(repo, good, artifacts)
+    support.write_model(repo, held, {"1": artifacts.gated},
+                        {"batching": {"max_batch_size": 4, "max_queue_size": 64}})
+    BROKEN[broken][0](repo, artifacts)
+    return repo
+
+
 @pytest.fixture
 def api_server(tmp_path, artifacts):
     """Polling off: only the repository API changes what is served."""
-    repo = tmp_path / "models"
-    repo.mkdir()
-    _good_onnx(repo, "alpha", artifacts)
-    support.write_model(repo, "held", {"1": artifacts.gated},
-                        {"batching": {"max_batch_size": 4, "max_queue_size": 64}})
-    BROKEN["bad_yaml"][0](repo, artifacts)
+    repo = _mixed_repo(tmp_path, artifacts, "alpha", "held", "bad_yaml")
     with support.LiveServer(support.settings(repo)) as live:
         live.repo = repo
         yield live
@@ -419,12 +425,7 @@ def test_api_reload_under_concurrent_load(api_server, artifacts):
 
 @pytest.fixture
 def poll_server(tmp_path, artifacts):
-    repo = tmp_path / "models"
-    repo.mkdir()
-    _good_onnx(repo, "steady", artifacts)
-    support.write_model(repo, "pheld", {"1": artifacts.gated},
-                        {"batching": {"max_batch_size": 4, "max_queue_size": 64}})
-    BROKEN["unknown_key"][0](repo, artifacts)
+    repo = _mixed_repo(tmp_path, artifacts, "steady", "pheld", "unknown_key")
     with support.LiveServer(support.settings(repo, poll_interval_s=0.1)) as live:
         live.repo = repo
         live.staging = tmp_path / "staging"

@@ -199,6 +199,23 @@ RATE_CARD_HELP = "YAML with device prices that override the shipped rate card."
 PRICING_HELP = "Pricing basis: on_demand, spot or on_prem."
 
 
+def _open_ledger(url: str | None):
+    """The ledger engine; a URL that names no database it can open is a bad --ledger."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .economics.training import default_ledger_url, open_ledger
+
+    try:
+        return open_ledger(url)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:  # e.g. mysql:// without a driver
+        raise _bad_ledger(url or default_ledger_url(), exc) from None
+
+
+def _bad_ledger(url: str, exc: Exception) -> typer.BadParameter:
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return typer.BadParameter(f"--ledger {url}: cannot open it: {reason}")
+
+
 @training_app.command("add")
 def training_add(
     model: str = typer.Option(..., "--model", "-m", help="Model name."),
@@ -225,7 +242,7 @@ def training_add(
             started_at=None if started is None else _epoch(started))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    run_id = training.record_run(training.open_ledger(ledger), run)
+    run_id = training.record_run(_open_ledger(ledger), run)
     Console().print(f"training run {run_id} recorded: {model} v{version}, {gpus} x {device}, "
                     f"{run.device_hours:,.1f} device-hours, {pricing}, "
                     f"{_usd(run.cost_usd)}")
@@ -264,7 +281,7 @@ def training_estimate(
     console = Console()
     console.print(_estimate_table(estimate))
     if record:
-        run_id = training.record_run(training.open_ledger(ledger),
+        run_id = training.record_run(_open_ledger(ledger),
                                      estimate.as_run(model, version))
         console.print(f"recorded as training run {run_id} of {model} v{version}")
 
@@ -280,7 +297,7 @@ def training_list(
 
     from .economics import training
 
-    runs = training.training_runs_for(training.open_ledger(ledger), model, version)
+    runs = training.training_runs_for(_open_ledger(ledger), model, version)
     console = Console()
     if not console.is_terminal:  # piped to a file: keep the columns unwrapped
         console.width = max(console.width, 140)
@@ -377,14 +394,13 @@ def report(
     from rich.console import Console
 
     from .economics import report as spend
-    from .economics.training import open_ledger
 
     if format not in ("table", "json", "csv", "focus"):
         raise typer.BadParameter("--format: table, json, csv or focus")
     try:
         start = spend.parse_since(since)
         end = None if until is None else spend.parse_since(until)
-        result = spend.build_report(open_ledger(ledger), start, end, by)
+        result = spend.build_report(_open_ledger(ledger), start, end, by)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if format == "table":
@@ -418,12 +434,16 @@ def ledger_upgrade(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     """Bring the ledger schema to the latest migration (Alembic `upgrade head`)."""
     from rich.console import Console
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
 
     from .economics import migrations
     from .economics.training import default_ledger_url
 
-    engine = create_engine(ledger or default_ledger_url())
-    before = migrations.upgrade(engine)
+    url = ledger or default_ledger_url()
+    try:  # not open_ledger: that would migrate first, and "was" would always be head
+        before = migrations.upgrade(create_engine(url))
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise _bad_ledger(url, exc) from None
     Console().print(f"ledger at revision {migrations.head()} (was {before or 'unversioned'})")
 
 
@@ -437,9 +457,8 @@ def ledger_prune(
     from rich.console import Console
 
     from .economics.ledger import prune
-    from .economics.training import open_ledger
 
-    deleted = prune(open_ledger(ledger), days)
+    deleted = prune(_open_ledger(ledger), days)
     Console().print(", ".join(f"{n:,} {t} rows deleted" for t, n in deleted.items()))
 
 
@@ -462,10 +481,9 @@ def keys_create(
     from rich.console import Console
 
     from .economics import keys
-    from .economics.training import open_ledger
 
     try:
-        info, secret = keys.create_key(open_ledger(ledger), tenant, tier, admin, name)
+        info, secret = keys.create_key(_open_ledger(ledger), tenant, tier, admin, name)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console = Console(stderr=True)
@@ -481,12 +499,11 @@ def keys_list(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     from rich.table import Table
 
     from .economics import keys
-    from .economics.training import open_ledger
 
     table = Table(title="API keys")
     for col in ("key id", "tenant", "tier", "admin", "created (UTC)", "status", "name"):
         table.add_column(col)
-    for k in keys.list_keys(open_ledger(ledger)):
+    for k in keys.list_keys(_open_ledger(ledger)):
         status = "active" if k.revoked_at is None else "revoked " + _utc(k.revoked_at)
         table.add_row(k.key_id, k.tenant, k.tier, "yes" if k.admin else "", _utc(k.created_at),
                       status, k.name or "")
@@ -498,9 +515,8 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by `key
                 ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     """Revoke a key; running servers refuse it within their refresh interval (2 s)."""
     from .economics import keys
-    from .economics.training import open_ledger
 
-    if not keys.revoke_key(open_ledger(ledger), key_id):
+    if not keys.revoke_key(_open_ledger(ledger), key_id):
         raise typer.BadParameter(f"no active key {key_id!r}")
     typer.echo(f"key {key_id} revoked")
 
@@ -528,7 +544,6 @@ def budgets_set(
 ) -> None:
     """Create or replace the budget of (scope, target, period)."""
     from .economics import budgets
-    from .economics.training import open_ledger
 
     try:
         thresholds = (tuple(budgets.Threshold.parse(t) for t in threshold) if threshold
@@ -537,7 +552,7 @@ def budgets_set(
                                 fallback_model)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    budget_id = budgets.set_budget(open_ledger(ledger), budget)
+    budget_id = budgets.set_budget(_open_ledger(ledger), budget)
     typer.echo(f"budget {budget_id}: {budget.label} ${budget.amount_usd.normalize():f} per "
                f"{period}; " + ", ".join(f"{t.percent:g}% {t.action}" for t in thresholds))
 
@@ -551,10 +566,9 @@ def budgets_list(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     from rich.table import Table
 
     from .economics import budgets
-    from .economics.training import open_ledger
     from .serving.admission import usd
 
-    engine = open_ledger(ledger)
+    engine = _open_ledger(ledger)
     console = Console()
     if not console.is_terminal:  # piped to a file: keep the columns unwrapped
         console.width = max(console.width, 140)
@@ -579,9 +593,8 @@ def budgets_delete(budget_id: int = typer.Argument(..., help="The id shown by `b
                    ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     """Delete a budget; running servers drop it within their refresh interval."""
     from .economics import budgets
-    from .economics.training import open_ledger
 
-    if not budgets.delete_budget(open_ledger(ledger), budget_id):
+    if not budgets.delete_budget(_open_ledger(ledger), budget_id):
         raise typer.BadParameter(f"no budget {budget_id}")
     typer.echo(f"budget {budget_id} deleted")
 
@@ -594,9 +607,8 @@ def budgets_alerts(limit: int = typer.Option(50, help="How many, newest first.")
     from rich.table import Table
 
     from .economics.alerts import list_alerts
-    from .economics.training import open_ledger
 
-    engine = open_ledger(ledger)
+    engine = _open_ledger(ledger)
     table = Table(title="budget alerts")
     for col in ("time (UTC)", "action", "message"):
         table.add_column(col)

@@ -264,6 +264,17 @@ def test_unknown_things_are_404(http, path):
     assert_error(http.get(path), 404)
 
 
+@pytest.mark.parametrize("name", ["a" * 300, "%2e%2e", ".hidden"])
+def test_load_of_a_name_no_folder_can_have_is_404(http, name):
+    # 300 characters made the file system's ENAMETOOLONG a 500; '..' named the repository's parent
+    assert_error(http.post(f"/v2/repository/models/{name}/load"), 404, "cannot load")
+
+
+@pytest.mark.parametrize("since", ["1e400d", "infd", "nand", "inf", "-1e400"])
+def test_report_since_out_of_range_is_400(http, since):
+    assert_error(http.get("/v2/admin/report", params={"since": since}), 400, "out of range")
+
+
 # -- 413 --------------------------------------------------------------------------------------
 
 

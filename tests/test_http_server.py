@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import support
 
 
@@ -110,6 +111,21 @@ def test_query_string_is_ignored(server, artifacts):
 def test_malformed_http_gets_a_400(server):
     r = support.raw_http(server.port, b"BLAH BLAH BLAH\r\n\r\n")
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("target,status", [
+    (b"/v2/models/" + b"a" * 70000 + b"/ready", 414),  # past httptools.parse_url's limit
+    (b"http://x:99999/v2/health/ready", 400),
+    (b"http://[bad/v2/health/ready", 400),
+])
+def test_a_url_that_cannot_be_parsed_is_refused_by_name(server, target, status):
+    r = support.raw_http(server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    if server.transport == "asgi":  # uvicorn answers these itself, in plain text
+        assert r.status_code in (400, 414)
+        return
+    # the native server said "`on_message_complete` callback error" for all three
+    assert r.status_code == status, r.text
+    assert "URL" in r.json()["error"], r.text
 
 
 def test_connection_close_is_honoured(server, artifacts):

@@ -152,6 +152,13 @@ def test_parse_since():
         spend.parse_since("yesterday")
 
 
+@pytest.mark.parametrize("since", ["inf", "nan", "1e400d", "99999999999d", "-1e20"])
+def test_parse_since_refuses_times_no_report_can_span(since):
+    # inf crashed the report with OverflowError; 99999999999d left it bucketing for ever
+    with pytest.raises(ValueError, match="out of range"):
+        spend.parse_since(since)
+
+
 def test_admin_report_over_http(tmp_path, artifacts):
     repo = tmp_path / "models"
     support.write_model(repo, "digits", {"1": artifacts.lr_onnx})

@@ -130,6 +130,8 @@ def test_mfu_and_device_count_scale_time_and_not_cost_as_they_should(card):
     ({"params": 7e9, "tokens": 1e12, "mfu": 1.5}, "MFU"),
     ({"params": -1.0, "tokens": 1e12}, "params"),
     ({"gpu_hours": 10, "devices": 0}, "devices"),
+    ({"params": 1e300, "tokens": 1e300}, "out of range"),
+    ({"gpu_hours": float("inf")}, "out of range"),
 ])
 def test_bad_estimate_inputs_say_what_is_wrong(card, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -397,6 +399,14 @@ def test_an_imported_run_costs_its_device_hours_at_the_card_price(card):
         imported_run(card, model="m", version="1", device="nvidia-t4", hours=0)
 
 
+@pytest.mark.parametrize("hours,devices", [(float("inf"), 1), (1e300, 1), (1e300, 10**6)])
+def test_an_imported_run_of_impossible_length_is_refused(card, hours, devices):
+    # inf or 1e300*1e6 hours raised OverflowError; 1e300 hours stored a start that broke listing
+    with pytest.raises(ValueError, match="hours|out of range"):
+        imported_run(card, model="m", version="1", device="nvidia-t4", hours=hours,
+                     devices=devices)
+
+
 def test_a_versions_runs_link_to_it_and_sum_exactly_even_past_64_bit(ledger_url, card):
     engine = open_ledger(ledger_url)
     # a 405B model on 15.6T tokens on H100s on demand: about $168 million, 1.7e20 pico-dollars,
@@ -432,6 +442,15 @@ def test_a_versions_runs_link_to_it_and_sum_exactly_even_past_64_bit(ledger_url,
 
 
 runner = CliRunner()
+
+
+@pytest.mark.parametrize("url", ["garbage://x", "mysql://x/y", "sqlite:////nonexistent/dir/x.db"])
+@pytest.mark.parametrize("command", [["training", "list"], ["report"], ["keys", "list"],
+                                     ["budgets", "list"], ["ledger", "upgrade"]])
+def test_cli_a_ledger_it_cannot_open_is_a_bad_parameter_not_a_traceback(command, url):
+    result = runner.invoke(app, [*command, "--ledger", url])
+    assert result.exit_code == 2, result.output
+    assert "cannot open it" in result.output
 
 
 def invoke(*args: str) -> str:

@@ -58,6 +58,18 @@ _KEY_NAMES = {"model": ("model",), "version": ("model", "version"),
 
 def parse_since(text_: str | float | None, now: float | None = None) -> float:
     """'30d', '12h', '15m', '90s', '2w', an ISO date/time (UTC unless zoned) or epoch seconds."""
+    when = _parse_since(text_, now)
+    # inf, nan or 1e11d would crash or stall the report: only instants a datetime can hold
+    if not (_EARLIEST <= when <= _LATEST):
+        raise ValueError(f"since {text_!r}: the time is out of range (years 1 to 9999)")
+    return when
+
+
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+
+
+def _parse_since(text_: str | float | None, now: float | None) -> float:
     now = time.time() if now is None else now
     if text_ is None or text_ == "":
         return now - 30 * 86400

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -60,6 +61,8 @@ DEFAULT_MFU = implied_mfu(70e9, 2e12, LLAMA2_70B_GPU_HOURS, 312e12)
 
 def cost_pusd(usd_per_hour: Decimal, device_seconds: float, share: float = 1.0) -> int:
     """Pico-dollars for `device_seconds` of a device at `usd_per_hour`, `share` of it held."""
+    if not math.isfinite(device_seconds):  # e.g. --params 1e300 --tokens 1e300
+        raise ValueError(f"{device_seconds} device-seconds is out of range")
     with localcontext() as ctx:
         ctx.prec = 60  # exact for any run: 1e9 device-hours at $100/h is 27 digits
         exact = (Decimal(repr(device_seconds)) * usd_per_hour * Decimal(repr(share))
@@ -175,6 +178,9 @@ def training_runs_for(engine: Engine, model: str | None = None,
 
 # -- runs done elsewhere, and estimates ----------------------------------------------------------
 
+MAX_HOURS = 1e6  # 114 years of wall-clock time
+
+
 def _check_allocation(devices: int, share: float) -> None:
     if devices < 1:
         raise ValueError(f"devices must be at least 1, got {devices}")
@@ -187,8 +193,8 @@ def imported_run(card: RateCard, *, model: str, version: str, device: str, hours
                  started_at: float | None = None, notes: str | None = None) -> TrainingRun:
     """A run done elsewhere: `hours` of wall-clock time on `devices` of `device`, by default
     ending now."""
-    if not hours > 0:
-        raise ValueError(f"hours must be greater than zero, got {hours}")
+    if not 0 < hours <= MAX_HOURS:  # a start before year 1 would break every listing
+        raise ValueError(f"hours must be in (0, {MAX_HOURS:g}], got {hours}")
     _check_allocation(devices, share)
     price = card.device(device)
     wall_s = hours * 3600

@@ -25,6 +25,7 @@ log = logging.getLogger("frugalserve.http")
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _MAX_PIPELINED = 64  # stop reading from a connection that has this many requests waiting
+_MAX_URL = 65535
 _Request = tuple[str, str, Headers, bytes, bool]  # method, path, headers, body, keep-alive
 
 
@@ -99,7 +100,11 @@ class _Connection(asyncio.Protocol):
         self._size = 0
 
     def on_url(self, url: bytes) -> None:
+        if self.closed:
+            return
         self._url += url
+        if len(self._url) > _MAX_URL:  # httptools.parse_url's own limit
+            self._refuse(414, f"request URL exceeds {_MAX_URL} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
@@ -128,7 +133,11 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        url = httptools.parse_url(self._url)
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError as exc:
+            self._refuse(400, f"malformed request URL: {exc}")
+            return
         path = url.path.decode("latin-1")
         if "%" in path:
             path = unquote(path)

@@ -65,8 +65,15 @@ class ModelRepository:
         return tuple(sorted(stamps))
 
     def load(self, name: str) -> LoadedModel:
+        # a model is a folder directly under the root: '', '..', 'a/b' or a hidden name is not
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise RepositoryError(f"{name!r} is not a model name in {self.root}")
         folder = self.root / name
-        if not folder.is_dir():
+        try:
+            is_dir = folder.is_dir()
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise RepositoryError(f"{folder}: {exc.strerror}") from None
+        if not is_dir:
             raise RepositoryError(f"{folder}: no such model folder")
         try:
             config = ModelConfig.load(folder / CONFIG_FILE, name)

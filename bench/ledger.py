@@ -75,9 +75,9 @@ def generate(url: str, n_requests: int, now: float, console: Console) -> tuple[f
                 total += cost
                 records.append((next(ids), f"req-{done + k}", ts, TENANTS[(done + k) % 10], 1,
                                 0.3, 1.2, cost, 200 if (done + k) % 97 else 500))
-            writer.add_batch((batch_id, ts, model, version, "aws-c7i.large", "on_demand", 0.5,
+            writer.add_batch((batch_id, ts, model, version, None, "aws-c7i.large", "on_demand", 0.5,
                               size, size, compute_ms, total))
-            writer.add_usage((next(ids), ts, model, version, batch_id, size, compute_ms,
+            writer.add_usage((next(ids), ts, model, version, None, batch_id, size, compute_ms,
                               tuple(records)))
             done += size
             batches += 1

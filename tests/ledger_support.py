@@ -62,18 +62,19 @@ def write_batch(writer, ts: float, model: str, version: str,
     it; its cost is the sum of its requests'. Returns the batch id."""
     batch_id = next(writer.ids)
     size = sum(r[1] for r in requests)
-    writer.add_batch((batch_id, ts, model, version, device, pricing, share, size, len(requests),
-                      compute_ms, sum(r[2] for r in requests)))
+    writer.add_batch((batch_id, ts, model, version, None, device, pricing, share, size,
+                      len(requests), compute_ms, sum(r[2] for r in requests)))
     records = tuple((next(writer.ids), f"r{next(_rid)}", ts, tenant, items, 1.0, 2.0, cost,
                      status) for tenant, items, cost, status in requests)
-    writer.add_usage((next(writer.ids), ts, model, version, batch_id, size, compute_ms, records))
+    writer.add_usage((next(writer.ids), ts, model, version, None, batch_id, size, compute_ms,
+                      records))
     return batch_id
 
 
 def write_rejected(writer, ts: float, model: str, version: str, tenant: str,
                    status: int = 503) -> None:
     record = (next(writer.ids), f"r{next(_rid)}", ts, tenant, 0, 0.0, 1.0, 0, status)
-    writer.add_usage((next(writer.ids), ts, model, version, None, 0, 0.0, (record,)))
+    writer.add_usage((next(writer.ids), ts, model, version, None, None, 0, 0.0, (record,)))
 
 
 def rows(url: str, sql: str, **params) -> list[tuple]:

@@ -115,7 +115,7 @@ def test_loadgen_against_the_server_agrees_with_the_ledger(served_repo, tmp_path
 def _usage(ts: float, model: str, status: int, cost: int, n: int) -> tuple:
     """A one-request usage chunk, as the server hands it to the ledger writer."""
     request = [n, None, ts, "t", 1, 0.0, 1.0, cost, status]
-    return (100 + n, ts, model, "1", None, 1, 1.0, [request])
+    return (100 + n, ts, model, "1", None, None, 1, 1.0, [request])
 
 
 def _batch(ts: float, model: str, size: int, compute_ms: float, n: int) -> dict:

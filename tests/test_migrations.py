@@ -9,7 +9,7 @@ from ledger_support import (  # noqa: F401 - fixtures
     pg_url_fixture,
     rows,
 )
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import MetaData, Table, create_engine, inspect, text
 from typer.testing import CliRunner
 
 from frugalserve.cli import app
@@ -54,10 +54,12 @@ def test_a_ledger_from_before_migrations_is_adopted_and_backfilled(ledger_url):
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE replicas (id INTEGER PRIMARY KEY, started_at FLOAT "
                           "NOT NULL, host VARCHAR(256) NOT NULL, pid INTEGER NOT NULL)"))
+    old = MetaData()  # before revision 0004: no variant columns
     for table in (usage_log, batches):
-        table.create(engine)
+        Table(table.name, old, *[c._copy() for c in table.columns if c.name != "variant"])
+    old.create_all(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql(_usage_view_sql(engine.dialect.name))
+        conn.exec_driver_sql(_usage_view_sql(engine.dialect.name, with_variant=False))
         conn.execute(text("INSERT INTO replicas VALUES (3, 1.0, 'h', 1)"))
         rid = 3 << 40
         ts = 1_790_000_030.5

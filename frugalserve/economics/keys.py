@@ -18,7 +18,7 @@ from sqlalchemy import Boolean, Column, Engine, Float, Integer, String, Table, s
 from .ledger import metadata
 
 KEY_PREFIX = "fsk_"
-TIERS = ("free", "standard", "premium")
+TIERS = ("free", "economy", "standard", "premium")  # a plan tier of the same name serves it
 
 api_keys = Table(
     "api_keys",

@@ -74,6 +74,8 @@ usage_log = Table(
     Column("ts", Float, nullable=False, index=True),  # earliest arrival in the chunk
     Column("model", String(128), nullable=False),
     Column("version", String(32), nullable=False),
+    # the variant path its requests took: "reference", "int8", "int8>reference" (a cascade)
+    Column("variant", String(128)),
     Column("batch_id", BigInteger),  # null: the requests never ran (rejected, expired)
     Column("batch_size", Integer, nullable=False),
     Column("compute_ms", Float, nullable=False),
@@ -86,7 +88,8 @@ usage_log = Table(
 usage = table(
     "usage",
     column("id", BigInteger), column("request_id", String), column("ts", Float),
-    column("model", String), column("version", String), column("tenant", String),
+    column("model", String), column("version", String), column("variant", String),
+    column("tenant", String),
     column("batch_id", BigInteger), column("batch_size", Integer), column("items", Integer),
     column("queue_ms", Float), column("compute_ms", Float), column("total_ms", Float),
     column("cost_pusd", BigInteger), column("status", Integer),
@@ -96,7 +99,8 @@ _VIEW_TYPES = {"id": "bigint", "ts": "double precision", "items": "integer",
                "cost_pusd": "bigint", "status": "integer"}
 
 
-def _usage_view_sql(dialect: str) -> str:
+def _usage_view_sql(dialect: str, with_variant: bool = True) -> str:
+    """with_variant=False: the view as revision 0001 made it (before usage_log.variant)."""
     fields = {}
     for i, name in enumerate(REQUEST_FIELDS):
         if dialect == "postgresql":
@@ -105,8 +109,10 @@ def _usage_view_sql(dialect: str) -> str:
         else:
             fields[name] = f"json_extract(r.value, '$[{i}]')"
     chunk = {"model": "l.model", "version": "l.version", "batch_id": "l.batch_id",
-             "batch_size": "l.batch_size", "compute_ms": "l.compute_ms"}
-    select = ", ".join(f"{fields.get(c.name) or chunk[c.name]} AS {c.name}" for c in usage.c)
+             "batch_size": "l.batch_size", "compute_ms": "l.compute_ms",
+             "variant": "COALESCE(l.variant, 'reference')"}
+    select = ", ".join(f"{fields.get(c.name) or chunk[c.name]} AS {c.name}" for c in usage.c
+                       if with_variant or c.name != "variant")
     each = ("jsonb_array_elements(l.requests) AS r(value)" if dialect == "postgresql"
             else "json_each(l.requests) AS r")
     create = "CREATE OR REPLACE VIEW" if dialect == "postgresql" else "CREATE VIEW IF NOT EXISTS"
@@ -120,6 +126,7 @@ batches = Table(
     Column("ts", Float, nullable=False, index=True),  # epoch seconds at start of compute
     Column("model", String(128), nullable=False),
     Column("version", String(32), nullable=False),
+    Column("variant", String(64)),  # the variant that ran the batch (null: "reference")
     Column("device", String(64), nullable=False),
     Column("pricing", String(16), nullable=False),
     Column("share", Float, nullable=False),
@@ -133,7 +140,8 @@ batches = Table(
 # The writer aggregates each flush in Python dicts and upserts one row per key in the same
 # transaction as the raw rows, so the rollups always equal the sum of everything written.
 # minute = epoch seconds of the minute's start (usage: request arrival; batches: batch start);
-# variant = the model version until the optimizer makes variants.
+# variant: usage rolls up by the variant path of its requests ("int8>reference"), busy time by
+# the variant that ran each batch.
 usage_rollup = Table(
     "usage_rollup",
     metadata,
@@ -257,6 +265,7 @@ training_runs = Table(
 # of lists in REQUEST_FIELDS order.
 BatchRecord = tuple
 UsageChunk = tuple
+REF = "reference"  # the variant a version's own artifact is
 
 
 def open_engine(url: str) -> Engine:
@@ -459,7 +468,8 @@ def rollup_usage(chunks: list[UsageChunk]) -> list[tuple]:
     sorted by key (concurrent writers then lock rows in one order: no deadlocks)."""
     acc: dict[tuple, list] = {}
     for chunk in chunks:
-        model, version, compute_ms, records = chunk[2], chunk[3], chunk[6], chunk[7]
+        model, version, variant, compute_ms, records = (chunk[2], chunk[3], chunk[4] or REF,
+                                                        chunk[7], chunk[8])
         # A batch usually lies within one minute and serves one tenant: then its sums are
         # taken column-wise in C (this runs on the server's core, once per request).
         cols = tuple(zip(*records, strict=True))
@@ -467,14 +477,14 @@ def rollup_usage(chunks: list[UsageChunk]) -> list[tuple]:
         first_minute = int(min(cols[2])) // 60
         if tenants.count(tenants[0]) == len(tenants) and first_minute == int(max(cols[2])) // 60:
             n, ok = len(records), cols[8].count(200)
-            _add(acc, (first_minute * 60, model, version, version, tenants[0]),
+            _add(acc, (first_minute * 60, model, version, variant, tenants[0]),
                  (n, ok, n - ok, sum(cols[4]), sum(cols[7]), compute_ms * n, sum(cols[5]),
                   sum(cols[6])))
             continue
         for r in records:
             ts = int(r[2])
             ok = int(r[8] == 200)
-            _add(acc, (ts - ts % 60, model, version, version, r[3]),
+            _add(acc, (ts - ts % 60, model, version, variant, r[3]),
                  (1, ok, 1 - ok, r[4], r[7], compute_ms, r[5], r[6]))
     return [(*key, *a) for key, a in sorted(acc.items())]
 
@@ -507,10 +517,11 @@ def rollup_batches(rows: list[BatchRecord], replica_id: int) -> tuple[tuple[Tabl
     batch size) for some batch records."""
     by_minute: dict[tuple, list] = {}
     by_size: dict[tuple, list] = {}
-    for _id, ts, model, version, device, pricing, share, size, requests, compute_ms, cost \
-            in rows:
+    for _id, ts, model, version, variant, device, pricing, share, size, requests, compute_ms, \
+            cost in rows:
         t = int(ts)
-        key = (t - t % 60, replica_id, model, version, version, device, pricing)
+        variant = variant or REF
+        key = (t - t % 60, replica_id, model, version, variant, device, pricing)
         a = by_minute.get(key)
         if a is None:
             by_minute[key] = a = [share, 0, 0, 0, 0.0, 0]
@@ -520,7 +531,7 @@ def rollup_batches(rows: list[BatchRecord], replica_id: int) -> tuple[tuple[Tabl
         a[3] += requests
         a[4] += compute_ms
         a[5] += cost
-        key = (t - t % 86400, model, version, version, device, pricing, size)
+        key = (t - t % 86400, model, version, variant, device, pricing, size)
         b = by_size.get(key)
         if b is None:
             by_size[key] = b = [0, 0, 0.0, 0]

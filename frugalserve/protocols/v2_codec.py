@@ -29,7 +29,8 @@ BinaryOutputs = bool | frozenset[str]
 
 
 def decode_request(body: bytes, header_length: int | None, model: str, version: str | None,
-                   tenant: str) -> tuple[InferenceRequest, BinaryOutputs]:
+                   tenant: str, tier: str | None = None
+                   ) -> tuple[InferenceRequest, BinaryOutputs]:
     if header_length is not None:
         if not 0 <= header_length <= len(body):
             raise BadInput(f"Inference-Header-Content-Length {header_length} is outside the "
@@ -74,7 +75,7 @@ def decode_request(body: bytes, header_length: int | None, model: str, version: 
     if request_id is not None and type(request_id) is not str:
         raise BadInput("'id' must be a string")
     return InferenceRequest(model, inputs, version, request_id, params, outputs, tenant,
-                            timeout_s), binary
+                            timeout_s, tier=tier), binary
 
 
 def _decode_tensor(raw: Any, blob: memoryview | None, offset: int) -> tuple[str, np.ndarray, int]:
@@ -244,6 +245,7 @@ def encode_response(response: InferenceResponse, binary: BinaryOutputs) -> tuple
         "queue_ms": round(response.queue_s * 1000, 4),
         "compute_ms": round(response.compute_s * 1000, 4),
         "batch_size": response.batch_size,
+        "variant": response.variant,
     }
     doc: dict[str, Any] = {"model_name": response.model_name,
                            "model_version": response.model_version}

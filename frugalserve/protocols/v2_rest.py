@@ -113,12 +113,12 @@ class V2Handler:
     async def _infer(self, model: str, version: str | None, headers: Headers,
                      body: bytes) -> Response:
         # the key is checked before the body is read: a wrong key costs nothing
-        tenant = self.dataplane.authenticate(headers.get(b"authorization"),
-                                             headers.get(b"x-tenant"))
+        tenant, tier = self.dataplane.authenticate(headers.get(b"authorization"),
+                                                   headers.get(b"x-tenant"))
         header_length = headers.get(b"inference-header-content-length")
         request, binary = decode_request(
             body, None if header_length is None else _int_header(header_length), model, version,
-            tenant)
+            tenant, tier)
         response = await self.dataplane.infer(request)
         payload, json_length = encode_response(response, binary)
         if json_length is None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtimes import ModelLoadError, Runtime, runtime_for
 from ..tensors import TensorSpec
 from .config import ConfigError, ModelConfig
+from .plan import PLAN_FILE, REFERENCE, Plan, load_plan, variant_dir
 
 CONFIG_FILE = "config.yaml"
 
@@ -20,9 +21,19 @@ class RepositoryError(Exception):
 @dataclass
 class LoadedVersion:
     version: str
-    runtime: Runtime
+    runtime: Runtime  # the reference variant
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    plan: Plan | None = None
+    variants: dict[str, Runtime] = field(default_factory=dict)  # the plan's, but reference
+
+    def runtime_of(self, variant: str) -> Runtime:
+        return self.runtime if variant == REFERENCE else self.variants[variant]
+
+    def close(self) -> None:
+        self.runtime.close()
+        for runtime in self.variants.values():
+            runtime.close()
 
 
 @dataclass
@@ -37,7 +48,7 @@ class LoadedModel:
 
     def close(self) -> None:
         for version in self.versions.values():
-            version.runtime.close()
+            version.close()
 
 
 class ModelRepository:
@@ -83,39 +94,89 @@ class ModelRepository:
                               key=lambda p: int(p.name))
         if not version_dirs:
             raise RepositoryError(f"{folder}: no version folders (expected {folder}/1/...)")
+        plan = None
+        if (folder / PLAN_FILE).exists():
+            try:
+                plan = load_plan(folder / PLAN_FILE)
+            except ConfigError as exc:
+                raise RepositoryError(str(exc)) from exc
+            names = [p.name for p in version_dirs]
+            if plan.version is not None and plan.version not in names:
+                raise RepositoryError(f"{folder / PLAN_FILE}: version '{plan.version}' is not "
+                                      f"in the repository (it has {', '.join(names)})")
+        planned = (plan.version or version_dirs[-1].name) if plan else None
         versions: dict[str, LoadedVersion] = {}
         try:
             for vdir in version_dirs:
-                versions[vdir.name] = _load_version(vdir, config)
+                loaded = versions[vdir.name] = _load_version(vdir, config)
+                if vdir.name == planned:
+                    _load_variants(loaded, plan, vdir, config)
         except RepositoryError:
             for loaded in versions.values():
-                loaded.runtime.close()
+                loaded.close()
             raise
         return LoadedModel(config.name, config, versions)
 
 
-def _load_version(vdir: Path, config: ModelConfig) -> LoadedVersion:
+def _open_runtime(folder: Path, config: ModelConfig) -> Runtime:
     try:
-        kind = runtime_for(vdir, config.runtime)
-        artifact = vdir / kind.filename
+        kind = runtime_for(folder, config.runtime)
+        artifact = folder / kind.filename
         if not artifact.exists():
             raise ModelLoadError(f"{artifact}: missing ({kind.name} runtime)")
-        runtime = kind(artifact, dict(config.parameters))
+        return kind(artifact, dict(config.parameters))
     except ModelLoadError as exc:
         raise RepositoryError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - e.g. a bad runtime option in config.yaml
-        raise RepositoryError(f"{vdir.parent / CONFIG_FILE}: parameters "
+        raise RepositoryError(f"{_config_file(folder)}: parameters "
                               f"{dict(config.parameters)} do not work for "
-                              f"{vdir / kind.filename}: {exc}") from exc
+                              f"{folder / kind.filename}: {exc}") from exc
+
+
+def _config_file(folder: Path) -> Path:
+    while not folder.name.isdigit():  # a variant folder: <model>/<version>/variants/<name>
+        folder = folder.parent
+    return folder.parent / CONFIG_FILE
+
+
+def _load_version(vdir: Path, config: ModelConfig) -> LoadedVersion:
+    runtime = _open_runtime(vdir, config)
     found_in, found_out = runtime.signature()
-    where = vdir.parent / CONFIG_FILE
     try:
         inputs = _reconcile(config.inputs, found_in, "input")
         outputs = _reconcile(config.outputs, found_out, "output")
     except ValueError as exc:
         runtime.close()
-        raise RepositoryError(f"{where}: version {vdir.name}: {exc}") from exc
+        raise RepositoryError(f"{_config_file(vdir)}: version {vdir.name}: {exc}") from exc
     return LoadedVersion(vdir.name, runtime, inputs, outputs)
+
+
+def _load_variants(loaded: LoadedVersion, plan: Plan, vdir: Path, config: ModelConfig) -> None:
+    """Open every variant the plan uses; each must take and return what the reference does."""
+    where = vdir.parent / PLAN_FILE
+    by_name = {s.name: s for s in loaded.outputs}
+    cascades = any(len(stages) > 1 for stages in plan.tiers.values())
+    conf = by_name.get(plan.confidence_output)
+    if cascades and (conf is None or conf.datatype not in ("FP32", "FP64", "FP16")
+                     or len(conf.shape) != 2):
+        raise RepositoryError(f"{where}: confidence_output '{plan.confidence_output}' must be "
+                              "a floating-point output of shape [-1, classes]; the model has "
+                              f"{[s.as_dict() for s in loaded.outputs]}")
+    loaded.plan = plan
+    for variant in plan.variants:
+        if variant == REFERENCE:
+            continue
+        folder = variant_dir(vdir, variant)
+        if not folder.is_dir():
+            raise RepositoryError(f"{where}: variant '{variant}' has no folder {folder}")
+        runtime = loaded.variants[variant] = _open_runtime(folder, config)
+        found_in, found_out = runtime.signature()
+        try:
+            _reconcile(loaded.inputs, found_in, "input")
+            _reconcile(loaded.outputs, found_out, "output")
+        except ValueError as exc:
+            raise RepositoryError(f"{folder}: variant '{variant}' does not match the "
+                                  f"reference: {exc}") from exc
 
 
 def _reconcile(declared: tuple[TensorSpec, ...] | None, found: list[TensorSpec],

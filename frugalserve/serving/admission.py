@@ -199,18 +199,20 @@ class Admission:
         if self.allow_anonymous is None:
             self._anonymous = not any(k.revoked_at is None for k in table.values())
 
-    def authenticate(self, authorization: bytes | None, label: bytes | None) -> str:
-        """The tenant a request is billed to, from its Authorization header."""
+    def authenticate(self, authorization: bytes | None,
+                     label: bytes | None) -> tuple[str, str | None]:
+        """The tenant a request is billed to and its key's tier, from its Authorization
+        header."""
         if authorization is None:
             if self._anonymous:
                 if label is not None and self.trust_tenant_header:
-                    return label.decode("latin-1")
-                return ANONYMOUS
+                    return label.decode("latin-1"), None
+                return ANONYMOUS, None
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
         key = self._memo.get(authorization)
         if key is None:
             key = self._lookup(authorization)
-        return key.tenant
+        return key.tenant, key.tier
 
     def authorize_admin(self, authorization: bytes | None) -> None:
         if authorization is None:
@@ -315,7 +317,7 @@ class Admission:
 
     def estimate(self, served: ServedVersion, rows: int) -> int:
         """Pico-dollars to reserve: an over-estimate of what this request will be charged."""
-        seconds = served.batcher.profile.estimate(rows)
+        seconds = served.exec_estimate(rows)
         return int(seconds * served.meter.pico_per_second * self.safety) + 1
 
     def _estimates(self, served: ServedVersion) -> list[int] | None:
@@ -352,6 +354,8 @@ class Admission:
             c.reserved = reserved
         request.budget = counters
         request.reserved = est
+        if served.downgrade is not None:
+            _plan_downgrade(request, served, counters)
         return served, rows
 
     def _over(self, request: InferenceRequest, served: ServedVersion, rows: int,
@@ -390,6 +394,8 @@ class Admission:
             c.reserved += est
         request.budget = counters
         request.reserved = est
+        if served.downgrade is not None:
+            _plan_downgrade(request, served, counters)
         return served, rows
 
     def _fallback(self, request: InferenceRequest, served: ServedVersion,
@@ -444,3 +450,11 @@ class Admission:
 
     def budget_states(self) -> list[dict]:
         return [c.state() for c in self.counters.values()]
+
+
+def _plan_downgrade(request: InferenceRequest, served: ServedVersion,
+                    counters: tuple[Counter, ...]) -> None:
+    """A plan's budget_downgrade: a tenant past that share of a budget gets the cheaper tier."""
+    rule = served.downgrade
+    if any(c.spent + c.reserved >= rule.spent_fraction * c.budget.amount_pusd for c in counters):
+        request.tier = rule.tier

@@ -37,7 +37,7 @@ class ServedModel:
     default: ServedVersion
 
     async def drain(self) -> None:
-        await asyncio.gather(*(v.batcher.drain() for v in self.versions.values()))
+        await asyncio.gather(*(v.drain() for v in self.versions.values()))
         self.loaded.close()
 
 
@@ -110,11 +110,13 @@ class DataPlane:
             raise
         return await future
 
-    def authenticate(self, authorization: bytes | None, tenant_label: bytes | None) -> str:
-        """The tenant to bill, from the request's Authorization header value (Bearer key);
-        tenant_label (X-Tenant) counts only for anonymous requests on a trusting server."""
+    def authenticate(self, authorization: bytes | None,
+                     tenant_label: bytes | None) -> tuple[str, str | None]:
+        """The tenant to bill and its plan tier, from the request's Authorization header value
+        (Bearer key); tenant_label (X-Tenant) counts only for anonymous requests on a trusting
+        server. Anonymous requests get each plan's default tier (None)."""
         if self.admission is None:
-            return ANONYMOUS if tenant_label is None else tenant_label.decode("latin-1")
+            return (ANONYMOUS if tenant_label is None else tenant_label.decode("latin-1")), None
         return self.admission.authenticate(authorization, tenant_label)
 
     def authorize_admin(self, authorization: bytes | None) -> None:
@@ -171,7 +173,7 @@ class DataPlane:
 
     def queue_depths(self) -> Iterator[tuple[str, str, int]]:
         for served in self.served_versions():
-            yield served.model, served.version, served.batcher.queued
+            yield served.model, served.version, served.queued
 
     # -- repository --------------------------------------------------------------------------
 
@@ -202,7 +204,7 @@ class DataPlane:
                 self._states[name] = (FAILED, str(exc))
                 raise NotFound(f"cannot load model '{name}': {exc}") from exc
             for served in entry.versions.values():
-                served.batcher.start()
+                served.start()
             old = self._models.get(name)
             self._models[name] = entry
             self._states[name] = (READY, "")
@@ -235,7 +237,7 @@ class DataPlane:
                 stats = self.metrics.for_version(loaded.name, v)
                 served = ServedVersion(loaded.name, lv, loaded.config, meter, stats, self.ledger)
                 try:
-                    served.batcher.warm_up(served.example_inputs)
+                    served.warm_up()
                 except Exception as exc:  # noqa: BLE001 - any engine failure fails the load
                     raise RepositoryError(f"{lv.runtime.path}: warm-up prediction on zeros "
                                           f"failed: {exc}") from exc

@@ -43,7 +43,7 @@ class VersionStats:
     """Everything measured for one model version (updated on the event loop thread only)."""
 
     __slots__ = ("model", "version", "ok", "errors", "queue", "compute", "total", "batch_size",
-                 "batches", "busy_s", "cost_pusd")
+                 "batches", "busy_s", "cost_pusd", "escalated")
 
     def __init__(self, model: str, version: str):
         self.model = model
@@ -57,6 +57,7 @@ class VersionStats:
         self.batches = 0
         self.busy_s = 0.0
         self.cost_pusd: defaultdict[str, int] = defaultdict(int)  # by tenant
+        self.escalated: defaultdict[str, int] = defaultdict(int)  # rows a variant passed on
 
 
 class ServingMetrics(Collector):
@@ -84,6 +85,9 @@ class ServingMetrics(Collector):
                                    "Engine time spent computing batches", labels=labels)
         cost = CounterMetricFamily("frugalserve_cost_usd", "Metered cost of inference in USD",
                                    labels=[*labels, "tenant"])
+        escalated = CounterMetricFamily("frugalserve_cascade_escalated_rows",
+                                        "Rows a cascade stage passed to the next stage",
+                                        labels=[*labels, "variant"])
         hists = {
             "queue": HistogramMetricFamily("frugalserve_queue_seconds",
                                            "Time requests wait for a batch", labels=labels),
@@ -106,10 +110,12 @@ class ServingMetrics(Collector):
                 errors.add_metric([*lv, str(status)], n)
             for tenant, pico in s.cost_pusd.items():
                 cost.add_metric([*lv, tenant], pico / PICO_PER_USD)
+            for variant, n in s.escalated.items():
+                escalated.add_metric([*lv, variant], n)
             for attr, family in hists.items():
                 h = getattr(s, attr)
                 family.add_metric(lv, h.cumulative(), h.total)
-        yield from (requests, errors, batches, busy, cost, *hists.values())
+        yield from (requests, errors, batches, busy, cost, escalated, *hists.values())
 
 
 class QueueGauge(Collector):

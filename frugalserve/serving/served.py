@@ -1,18 +1,23 @@
-"""One model version being served: its signature check, its batcher, its meter."""
+"""One model version being served: its signature check, its batchers (one per variant its plan
+uses), cascades across them, and the meter."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from ..economics.ledger import LedgerWriter
 from ..economics.meter import Meter, split_cost
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
+from ..repository.plan import REFERENCE, Stage
 from ..tensors import TensorSpec, datatype_of
 from .admission import settle
 from .batcher import Batch, Batcher, Pending
-from .errors import BadInput, ModelFailed
+from .errors import BadInput, InferenceError, ModelFailed
 from .metrics import VersionStats
 from .types import InferenceRequest, InferenceResponse
 
@@ -23,7 +28,37 @@ def _fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
     return all(d == -1 or d == n for d, n in zip(declared[1:], shape[1:], strict=True))
 
 
+@dataclass(slots=True)
+class Flow:
+    """One request travelling a cascade. Its usage record is written once, when every row has
+    an answer or has failed, so it carries the cost of every stage any of its rows passed."""
+
+    request: InferenceRequest
+    future: asyncio.Future
+    arrival: float
+    rows: int
+    route: tuple[tuple[Batcher, str, float | None], ...]  # (batcher, variant, threshold)
+    open_rows: int
+    cost: int = 0
+    compute_s: float = 0.0
+    depth: int = 0  # the deepest stage reached
+    outputs: dict[str, np.ndarray] | None = None  # assembled when its rows part ways
+    status: int = 200
+
+
+@dataclass(slots=True)
+class Part:
+    """Some rows of a Flow waiting at one stage; index: their rows in the request (None: all)."""
+
+    flow: Flow
+    depth: int
+    index: np.ndarray | None
+
+
 class ServedVersion:
+    """A version and its variants: one batcher per variant its plan uses (a plan-less version
+    has one, "reference"); each tier is a route through them."""
+
     def __init__(self, model: str, loaded: LoadedVersion, config: ModelConfig, meter: Meter | None,
                  stats: VersionStats, ledger: LedgerWriter | None):
         self.model = model
@@ -41,15 +76,52 @@ class ServedVersion:
         self.meter = meter
         self.stats = stats
         self.ledger = ledger if meter is not None else None
-        b = config.batching
+        plan = self.plan = loaded.plan
+        b = plan.batching if plan is not None and plan.batching is not None else config.batching
         self.max_batch_size = b.max_batch_size
         self.max_queue_delay_s = b.max_queue_delay_ms / 1000
-        self.batcher = Batcher(
-            loaded.runtime.predict, self._finish, self._expired,
-            max_batch_size=b.max_batch_size, max_queue_delay_s=self.max_queue_delay_s,
-            max_queue_size=b.max_queue_size, instances=b.instances,
-            name=f"{model}/{loaded.version}",
-        )
+        self.confidence_output = plan.confidence_output if plan is not None else None
+        self.batchers: dict[str, Batcher] = {}
+        for variant in (plan.variants if plan is not None else [REFERENCE]):
+            name = f"{model}/{loaded.version}" + ("" if variant == REFERENCE else f"/{variant}")
+            self.batchers[variant] = Batcher(
+                loaded.runtime_of(variant).predict, partial(self._finish, variant),
+                self._expired, max_batch_size=b.max_batch_size,
+                max_queue_delay_s=self.max_queue_delay_s, max_queue_size=b.max_queue_size,
+                instances=b.instances, name=name)
+        self.routes = {tier: tuple((self.batchers[s.variant], s.variant, s.threshold)
+                                   for s in stages)
+                       for tier, stages in (plan.tiers.items() if plan is not None
+                                            else [(None, [_REF_STAGE])])}
+        self.default_tier = plan.default_tier if plan is not None else None
+        self.downgrade = plan.budget_downgrade if plan is not None else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.warm_up(self.example_inputs)
+
+    def start(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.start()
+
+    async def drain(self) -> None:
+        """Earlier stages first: their escalations must still find the later stages open."""
+        depth = {v: max(i for route in self.routes.values()
+                        for i, (_b, rv, _t) in enumerate(route) if rv == v)
+                 for v in self.batchers}
+        for variant in sorted(self.batchers, key=depth.__getitem__):
+            await self.batchers[variant].drain()
+
+    @property
+    def queued(self) -> int:
+        return sum(b.queued for b in self.batchers.values())
+
+    def exec_estimate(self, rows: int) -> float:
+        """Seconds of compute a request of `rows` may cost: its dearest route, every stage."""
+        return max(sum(b.profile.estimate(rows) for b, _v, _t in route)
+                   for route in self.routes.values())
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -98,13 +170,20 @@ class ServedVersion:
                         f"got {sorted(inputs)}")
 
     def submit(self, request: InferenceRequest, rows: int, arrival: float, future) -> None:
+        route = self.routes.get(request.tier) or self.routes[self.default_tier]
         expires = None if request.timeout_s is None else arrival + request.timeout_s
-        self.batcher.submit(Pending(request.inputs, rows, arrival,
-                                    arrival + self.max_queue_delay_s, expires, future, request))
+        deadline = arrival + self.max_queue_delay_s
+        if len(route) == 1:  # plain serving: the request itself rides
+            route[0][0].submit(Pending(request.inputs, rows, arrival, deadline, expires, future,
+                                       request))
+            return
+        flow = Flow(request, future, arrival, rows, route, rows)
+        route[0][0].submit(Pending(request.inputs, rows, arrival, deadline, expires, future,
+                                   Part(flow, 0, None)))
 
     # -- metering and completion (event loop thread) -----------------------------------------
 
-    def _finish(self, batch: Batch) -> None:
+    def _finish(self, variant: str, batch: Batch) -> None:
         items = batch.items
         stats = self.stats
         compute_s = batch.compute_s
@@ -113,15 +192,16 @@ class ServedVersion:
         stats.batch_size.observe(batch.rows)
         stats.compute.observe(compute_s)
         ledger = self.ledger
+        records: list[tuple] = []
         if ledger is not None:
             cost = self.meter.cost(compute_s)
             shares = [cost] if len(items) == 1 else split_cost(cost, [it.rows for it in items])
             batch_id = next(ledger.ids)
-            ledger.add_batch((batch_id, batch.started_at, self.model, self.version,
+            ledger.add_batch((batch_id, batch.started_at, self.model, self.version, variant,
                               self.device.type, self.device.pricing, self.device.share,
                               batch.rows, len(items), compute_s * 1000, cost))
-            records: list[tuple] = []
         else:
+            batch_id = None
             shares = [0] * len(items)
         outputs, error = batch.outputs, batch.error
         sliced = len(items) > 1
@@ -129,16 +209,27 @@ class ServedVersion:
         now = time.perf_counter()
         wall = time.time()
         offset = 0
+        confidence = None  # per row of the batch, computed for the first cascade part
+        closed: dict[str, list[tuple]] | None = None  # usage records of finished flows, by path
         for item, share in zip(items, shares, strict=True):
-            request: InferenceRequest = item.context
+            request = item.context
+            if type(request) is Part:
+                if confidence is None and error is None and request.flow.route[
+                        request.depth][2] is not None:
+                    confidence = outputs[self.confidence_output].max(axis=1)
+                done = self._advance(request, item, share, batch, offset, confidence, now)
+                if done is not None:
+                    closed = closed or {}
+                    closed.setdefault(done[0], []).append(self._close(done[1], now, wall))
+                offset += item.rows
+                continue
             future = item.future
             queue_s = dispatched - item.arrival
             total_s = now - item.arrival
             if error is not None:
                 status = 500
                 if not future.done():
-                    future.set_exception(ModelFailed(
-                        f"model '{self.model}' version {self.version} failed: {error}"))
+                    future.set_exception(self._failed(error))
                 stats.errors[status] += 1
             elif future.done():  # the caller went away; the work was still done and paid
                 status = 499
@@ -154,7 +245,7 @@ class ServedVersion:
                     outs = {k: outs[k] for k in request.outputs}
                 future.set_result(InferenceResponse(
                     self.model, self.version, outs, request.id, request.parameters, share,
-                    queue_s, compute_s, batch.rows))
+                    queue_s, compute_s, batch.rows, variant))
                 stats.ok += 1
                 stats.queue.observe(queue_s)
                 stats.total.observe(total_s)
@@ -167,11 +258,111 @@ class ServedVersion:
                 records.append((next(ledger.ids), request.id, wall - total_s, request.tenant,
                                 item.rows, queue_s * 1000, total_s * 1000, share, status))
         if ledger is not None:
-            ledger.add_usage((next(ledger.ids), records[0][2], self.model, self.version,
-                              batch_id, batch.rows, compute_s * 1000, tuple(records)))
+            if records:
+                ledger.add_usage((next(ledger.ids), records[0][2], self.model, self.version,
+                                  variant, batch_id, batch.rows, compute_s * 1000,
+                                  tuple(records)))
+            if closed:
+                for path, chunk in closed.items():
+                    ledger.add_usage((next(ledger.ids), chunk[0][2], self.model, self.version,
+                                      path, batch_id, batch.rows, compute_s * 1000,
+                                      tuple(chunk)))
+
+    def _failed(self, error: BaseException) -> ModelFailed:
+        return ModelFailed(f"model '{self.model}' version {self.version} failed: {error}")
+
+    def _advance(self, part: Part, item: Pending, share: int, batch: Batch, offset: int,
+                 confidence: np.ndarray | None, now: float) -> tuple[str, Flow] | None:
+        """A cascade part's rows came back from a stage: keep the confident ones, send the
+        rest to the next stage. Returns (path, flow) when the flow has every row."""
+        flow = part.flow
+        flow.cost += share
+        flow.compute_s += batch.compute_s
+        flow.depth = max(flow.depth, part.depth)
+        rows = item.rows
+        if batch.error is not None:
+            flow.status = 500
+            if not flow.future.done():
+                flow.future.set_exception(self._failed(batch.error))
+            flow.open_rows -= rows
+        else:
+            end = offset + rows
+            outs = batch.outputs
+            if len(batch.items) > 1:
+                outs = {k: v[offset:end] for k, v in outs.items()}
+            threshold = flow.route[part.depth][2]
+            low = None if threshold is None else confidence[offset:end] < threshold
+            if low is None or not low.any():
+                _keep(flow, part.index, outs)
+                flow.open_rows -= rows
+            else:
+                self.stats.escalated[flow.route[part.depth][1]] += int(low.sum())
+                if low.all():
+                    inputs, index = item.inputs, part.index
+                else:
+                    sure = ~low
+                    _keep(flow, np.flatnonzero(sure) if part.index is None
+                          else part.index[sure], {k: v[sure] for k, v in outs.items()})
+                    flow.open_rows -= int(sure.sum())
+                    go = np.flatnonzero(low)
+                    inputs = {k: v[go] for k, v in item.inputs.items()}
+                    index = go if part.index is None else part.index[go]
+                self._escalate(flow, part.depth + 1, inputs, index, item.expires, now)
+        if flow.open_rows == 0:
+            return _path(flow), flow
+        return None
+
+    def _escalate(self, flow: Flow, depth: int, inputs: dict[str, np.ndarray],
+                  index: np.ndarray | None, expires: float | None, now: float) -> None:
+        rows = len(next(iter(inputs.values())))
+        try:
+            flow.route[depth][0].submit(Pending(inputs, rows, now, now + self.max_queue_delay_s,
+                                                expires, flow.future, Part(flow, depth, index)))
+        except InferenceError as exc:  # the next stage is full or unloading: these rows fail
+            flow.status = exc.status
+            if not flow.future.done():
+                flow.future.set_exception(exc)
+            flow.open_rows -= rows
+
+    def _close(self, flow: Flow, now: float, wall: float) -> tuple:
+        """Answer (or account for) a flow whose rows are all done; its usage record."""
+        request, future, stats = flow.request, flow.future, self.stats
+        total_s = now - flow.arrival
+        status = flow.status
+        if status == 200 and future.done():
+            status = 499
+        if status == 200:
+            outs = flow.outputs
+            if request.outputs is not None:
+                outs = {k: outs[k] for k in request.outputs}
+            future.set_result(InferenceResponse(
+                self.model, self.version, outs, request.id, request.parameters, flow.cost,
+                total_s - flow.compute_s, flow.compute_s, flow.rows, _path(flow)))
+            stats.ok += 1
+            stats.queue.observe(total_s - flow.compute_s)
+            stats.total.observe(total_s)
+        else:
+            stats.errors[status] += 1
+        if request.budget is not None:
+            settle(request.budget, request.reserved, flow.cost)
+        stats.cost_pusd[request.tenant] += flow.cost
+        return (0 if self.ledger is None else next(self.ledger.ids), request.id,
+                wall - total_s, request.tenant, flow.rows, (total_s - flow.compute_s) * 1000,
+                total_s * 1000, flow.cost, status)
 
     def _expired(self, item: Pending) -> None:
-        self.reject(item.context, 504, item.arrival)
+        part = item.context
+        if type(part) is not Part:
+            self.reject(part, 504, item.arrival)
+            return
+        flow = part.flow
+        flow.status = 504
+        flow.open_rows -= item.rows
+        if flow.open_rows == 0:
+            record = self._close(flow, time.perf_counter(), time.time())
+            if self.ledger is not None:
+                self.ledger.add_usage((next(self.ledger.ids), record[2], self.model,
+                                       self.version, _path(flow), None, 0, 0.0, (record,)))
 
     def reject(self, request: InferenceRequest, status: int, arrival: float) -> None:
         """A request that never ran: counted, and recorded at zero cost."""
@@ -185,8 +376,8 @@ class ServedVersion:
             ts = time.time() - total_s
             record = (next(ledger.ids), request.id, ts, request.tenant, 0, 0.0, total_s * 1000,
                       0, status)
-            ledger.add_usage((next(ledger.ids), ts, self.model, self.version, None, 0, 0.0,
-                              (record,)))
+            ledger.add_usage((next(ledger.ids), ts, self.model, self.version, None, None, 0,
+                              0.0, (record,)))
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
         """Zeros of the declared shapes, for warm-up."""
@@ -198,3 +389,21 @@ class ServedVersion:
             else:
                 feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
         return feeds
+
+
+_REF_STAGE = Stage(REFERENCE)
+
+
+def _path(flow: Flow) -> str:
+    return ">".join(variant for _b, variant, _t in flow.route[:flow.depth + 1])
+
+
+def _keep(flow: Flow, index: np.ndarray | None, outs: dict[str, np.ndarray]) -> None:
+    """Put answered rows into the flow's outputs (no copy when one piece answers them all)."""
+    if index is None:
+        flow.outputs = outs
+        return
+    if flow.outputs is None:
+        flow.outputs = {k: np.empty((flow.rows, *v.shape[1:]), v.dtype) for k, v in outs.items()}
+    for k, v in outs.items():
+        flow.outputs[k][index] = v

@@ -27,6 +27,7 @@ class InferenceRequest:
     # estimate reserved against them until the request settles
     budget: tuple | None = None
     reserved: int = 0
+    tier: str | None = None  # the plan tier that serves it (the API key's); None: the default
 
 
 @dataclass(slots=True)
@@ -40,3 +41,4 @@ class InferenceResponse:
     queue_s: float
     compute_s: float
     batch_size: int
+    variant: str = "reference"  # the variant path that answered: "int8>reference"

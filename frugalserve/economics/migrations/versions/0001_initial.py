@@ -90,7 +90,7 @@ def upgrade() -> None:
         op.rename_table("usage", "usage_rows_v0")
     from frugalserve.economics.ledger import _usage_view_sql
 
-    op.execute(_usage_view_sql(bind.dialect.name))
+    op.execute(_usage_view_sql(bind.dialect.name, with_variant=False))
 
 
 def downgrade() -> None:

@@ -28,7 +28,8 @@ def infer_body(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None =
     """A JSON inference request; naming `outputs` keeps the response to what the caller reads."""
     doc: dict[str, Any] = {"inputs": [
         {"name": name, "shape": list(array.shape), "datatype": datatype_of(array),
-         "data": array.reshape(-1)}
+         # BYTES (object arrays) travel as JSON strings, which orjson takes only from a list
+         "data": array.reshape(-1).tolist() if array.dtype == object else array.reshape(-1)}
         for name, array in inputs.items()
     ]}
     if outputs is not None:

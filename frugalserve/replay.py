@@ -1,0 +1,65 @@
+"""Replay a labelled test set through a running server and read what it cost.
+
+Every test row is one request, sent once, by a closed loop of connections; each response is
+checked against its label, and its metered cost (`cost_pico_usd`) and variant path are read off
+the response. This is how a plan is verified end to end: accuracy seen through HTTP, cost as
+the server metered it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from rich.progress import Progress
+
+from . import loadgen, v2_client
+from .economics.meter import PICO_PER_USD
+
+
+@dataclass(frozen=True)
+class Replay:
+    label: str
+    requests: int
+    ok: int
+    accuracy: float  # of the answered requests, against the labels
+    cost_pusd: int  # sum of the responses' metered costs
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    variants: dict[str, int] = field(default_factory=dict)  # variant path -> requests
+
+    @property
+    def usd_per_million(self) -> float:
+        return self.cost_pusd / max(self.ok, 1) * 1e6 / PICO_PER_USD
+
+
+def request_bodies(input_name: str, x: np.ndarray) -> list[bytes]:
+    """One single-row request per test row, asking for the label only."""
+    return [v2_client.infer_body({input_name: x[i:i + 1]}, ["label"]) for i in range(len(x))]
+
+
+def replay(url: str, bodies: Sequence[bytes], labels: np.ndarray, *, concurrency: int = 16,
+           label: str = "replay", progress: Progress | None = None) -> Replay:
+    """Send every body once (body i has label labels[i]) to the infer URL `url`."""
+    truth = np.asarray(labels).reshape(-1).tolist()
+    costs: list[int] = []
+    paths: Counter[str] = Counter()
+
+    def check(i: int, body: bytes) -> bool:
+        doc = orjson.loads(body)
+        params = doc["parameters"]
+        costs.append(int(params["cost_pico_usd"]))
+        paths[params.get("variant", "reference")] += 1
+        served = next(o["data"] for o in doc["outputs"] if o["name"] == "label")
+        return served[0] == truth[i]
+
+    run = loadgen.run(loadgen.LoadSpec(url, bodies, concurrency=concurrency, duration_s=None,
+                                       requests=len(bodies), check=check, label=label),
+                      progress)
+    summary = run.summary()
+    return Replay(label, summary.requests, summary.ok, summary.accuracy or 0.0, sum(costs),
+                  summary.p50_ms, summary.p99_ms, summary.rps, dict(paths))

@@ -372,6 +372,60 @@ def _runs_table(runs: list[TrainingRun], totals: TrainingTotals) -> Table:
     return table
 
 
+# -- workloads ----------------------------------------------------------------------------------
+
+workloads_app = typer.Typer(help="The seed workloads: real data sets and their reference models.",
+                            no_args_is_help=True)
+app.add_typer(workloads_app, name="workloads")
+
+
+@workloads_app.command("build")
+def workloads_build(
+    repository: Path = typer.Option(..., help="Model repository folder to train into."),
+    ledger: str = typer.Option(None, help="Ledger database URL for the training runs (default: "
+                               "$FRUGALSERVE_LEDGER, else the SQLite file `frugalserve serve` "
+                               "keeps beside the repository)."),
+    only: str = typer.Option(None, help="Comma-separated workloads (default: all): "
+                             "fashion-mnist, fashion-cnn, sentiment, movielens."),
+    cnn_epochs: int = typer.Option(1, min=1, help="Epochs of the Fashion-MNIST CNN."),
+    workdir: Path = typer.Option(Path("runs/sentiment"), help="Cache of the sentiment "
+                                 "encoders' embeddings."),
+) -> None:
+    """Train the workloads' reference models into a repository, record each training run with
+    its cost in the ledger, and show their validation and test metrics."""
+    import os
+
+    from rich.console import Console
+    from sqlalchemy.engine import make_url
+
+    from .app import ServerSettings
+    from .economics.training import LEDGER_ENV
+    from .progress import new_progress
+    from .workloads import catalog, fashion_mnist, movielens, sentiment
+
+    try:
+        chosen = catalog.parse_only(only)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--only") from exc
+    repository.mkdir(parents=True, exist_ok=True)
+    url = ledger or os.environ.get(LEDGER_ENV) or ServerSettings(repository).resolved_ledger_url()
+    _open_ledger(url).dispose()  # a wrong URL fails now, not after the training
+    console = Console()
+    if not console.is_terminal:  # piped to a file: keep the table's columns unwrapped
+        console.width = max(console.width, 120)
+    missing = (fashion_mnist.DatasetMissing, sentiment.DatasetMissing,
+               movielens.DatasetMissing, ImportError)
+    try:
+        with new_progress(console) as progress:
+            rows = catalog.build_workloads(repository, chosen, progress, url, cnn_epochs,
+                                           workdir)
+    except missing as exc:
+        console.print(f"[red]frugalserve workloads build: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(catalog.built_table(rows, repository))
+    console.print(f"training runs recorded in {make_url(url).render_as_string(hide_password=True)}")
+
+
 # -- spend report and ledger maintenance --------------------------------------------------------
 
 @app.command()

@@ -18,6 +18,7 @@ import io
 import time
 import warnings
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from rich.progress import Progress
 
 from .fashion_mnist import PIXELS, FashionMNIST, Split, accuracy
 from .onnx_export import INPUT_NAME, OPSET, predict_labels, write_model
+from .tracking import cost_usd, tracked
 
 if TYPE_CHECKING:
     import torch
@@ -217,19 +219,26 @@ class BuiltCNN:
     steps: int
     validation_accuracy: float  # torch's, after training
     test_accuracy: float  # of the exported ONNX file, on the test split
+    training_run_id: int | None = None  # in the ledger, when one was given
+    training_cost_usd: Decimal | None = None
 
 
 def build(repository: Path, data: FashionMNIST, progress: Progress, epochs: int = 1,
           name: str = NAME, config: dict[str, Any] | None = None,
-          **train: Any) -> BuiltCNN:
+          ledger_url: str | None = None, **train: Any) -> BuiltCNN:
     """Train (`train`: more train_cnn arguments), export into `repository` (checked against
-    torch on validation images), and measure the export's accuracy on the test split."""
-    trained = train_cnn(data, progress, epochs=epochs, name=name, **train)
+    torch on validation images), and measure the export's accuracy on the test split. With
+    `ledger_url`, the training is recorded there as a run of `name` version 1, with its cost."""
+    params = {"kind": "cnn", "epochs": epochs, "train_rows": len(data.train),
+              **{k: list(v) if isinstance(v, tuple) else v for k, v in train.items()}}
+    with tracked(name, ledger_url, params) as run:
+        trained = train_cnn(data, progress, epochs=epochs, name=name, **train)
+        run.params.update(steps=trained.steps, validation_accuracy=trained.validation_accuracy)
     path = export_cnn(trained.net, repository, name, config=config,
                       check_rows=data.validation.x[:256])
     test = predict_labels(path, data.test.x)
     return BuiltCNN(path, trained.train_s, trained.steps, trained.validation_accuracy,
-                    accuracy(test, data.test))
+                    accuracy(test, data.test), run.id, cost_usd(run))
 
 
 def subset(data: FashionMNIST, train: int, validation: int, test: int) -> FashionMNIST:

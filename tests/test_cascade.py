@@ -261,3 +261,28 @@ def test_plan_parse_defaults_and_variants():
     assert plan.default_tier == "only" and plan.version is None
     assert plan.variants == ["a", "reference"]
     assert plan.stages("unknown-tier") == plan.tiers["only"]
+
+
+def test_a_tenant_past_the_plans_budget_share_gets_the_downgrade_tier(tmp_path, ledger_url):
+    plan = _with(budget_downgrade={"spent_fraction": 0.5, "tier": "economy"})
+    repo = cascade_repo(tmp_path, plan)
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text(yaml.safe_dump({"budgets": [
+        {"scope": "tenant", "target": "acme", "period": "total", "amount_usd": 2e-9,
+         "thresholds": ["1000:reject"]}]}))
+    x = rows_with_confidence([0.6])
+    seen = []
+    with support.LiveServer(support.settings(repo, ledger_url=ledger_url,
+                                             budgets_file=budgets)) as server:
+        with server.client() as client:
+            for _ in range(40):
+                doc = client.post("/v2/models/pair/infer", json=support.json_body({"X": x}),
+                                  headers={"X-Tenant": "acme"}).json()
+                seen.append(doc["parameters"]["variant"])
+            other = client.post("/v2/models/pair/infer", json=support.json_body({"X": x}),
+                                headers={"X-Tenant": "globex"}).json()
+    # the first requests spend under half of $2e-9; after that acme is served the economy tier
+    assert seen[0] == "cheap>reference"
+    assert seen[-1] == "cheap"
+    assert seen.index("cheap") > 0 and set(seen[seen.index("cheap"):]) == {"cheap"}
+    assert other["parameters"]["variant"] == "cheap>reference"  # other tenants: no budget

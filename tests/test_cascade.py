@@ -268,21 +268,22 @@ def test_a_tenant_past_the_plans_budget_share_gets_the_downgrade_tier(tmp_path, 
     repo = cascade_repo(tmp_path, plan)
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text(yaml.safe_dump({"budgets": [
-        {"scope": "tenant", "target": "acme", "period": "total", "amount_usd": 2e-9,
+        {"scope": "tenant", "target": "acme", "period": "total", "amount_usd": 4e-8,
          "thresholds": ["1000:reject"]}]}))
     x = rows_with_confidence([0.6])
     seen = []
     with support.LiveServer(support.settings(repo, ledger_url=ledger_url,
                                              budgets_file=budgets)) as server:
         with server.client() as client:
-            for _ in range(40):
-                doc = client.post("/v2/models/pair/infer", json=support.json_body({"X": x}),
-                                  headers={"X-Tenant": "acme"}).json()
-                seen.append(doc["parameters"]["variant"])
+            while seen.count("cheap") < 5 and len(seen) < 500:
+                r = client.post("/v2/models/pair/infer", json=support.json_body({"X": x}),
+                                headers={"X-Tenant": "acme"})
+                assert r.status_code == 200, r.text
+                seen.append(r.json()["parameters"]["variant"])
             other = client.post("/v2/models/pair/infer", json=support.json_body({"X": x}),
                                 headers={"X-Tenant": "globex"}).json()
-    # the first requests spend under half of $2e-9; after that acme is served the economy tier
-    assert seen[0] == "cheap>reference"
-    assert seen[-1] == "cheap"
-    assert seen.index("cheap") > 0 and set(seen[seen.index("cheap"):]) == {"cheap"}
+    # acme's first requests take the standard cascade; past half its budget, the economy tier
+    first = seen.index("cheap")
+    assert first > 0 and set(seen[:first]) == {"cheap>reference"}
+    assert set(seen[first:]) == {"cheap"}
     assert other["parameters"]["variant"] == "cheap>reference"  # other tenants: no budget

@@ -146,42 +146,164 @@ def demo(
 
 # -- optimizer ----------------------------------------------------------------------------------
 
-optimize_app = typer.Typer(help="Cheaper variants of a model, measured.", no_args_is_help=True)
-app.add_typer(optimize_app, name="optimize")
+DATA_SETS = ("fashion-mnist", "sentiment")
+OPT_LEDGER_HELP = ("Ledger database URL for the distilled student's training run (default: "
+                   "$FRUGALSERVE_LEDGER, else ./frugalserve-ledger.db).")
 
 
-@optimize_app.command("variants")
-def optimize_variants(
-    model_dir: Path = typer.Argument(..., help="A model's folder in a repository "
-                                     "(<repo>/<model>); its latest version is the reference."),
-    out: Path = typer.Option(..., "--out", help="Folder for the variants and their profiles."),
-    ledger: str = typer.Option(None, help="Ledger database URL for the student's training run "
-                               "(default: $FRUGALSERVE_LEDGER, else ./frugalserve-ledger.db)."),
-    calls: int = typer.Option(200, help="Timed calls per batch size."),
+def _optimize_data(name: str):
+    """The validation and test splits of a seed workload, as model inputs (texts as object
+    arrays [n, 1]); a missing data package is one clear line and exit 1."""
+    import numpy as np
+
+    from .optimize.optimizer import Dataset
+    from .workloads import fashion_mnist, sentiment
+
+    try:
+        if name == "fashion-mnist":
+            d = fashion_mnist.load()
+            return Dataset(name, d.train.x, d.validation.x, d.validation.y, d.test.x, d.test.y)
+        if name == "sentiment":
+            s = sentiment.load()
+
+            def rows(split: sentiment.TextSplit) -> np.ndarray:
+                return np.asarray(split.text, dtype=object).reshape(-1, 1)
+
+            return Dataset(name, rows(s.train), rows(s.validation), s.validation.y,
+                           rows(s.test), s.test.y)
+    except (fashion_mnist.DatasetMissing, sentiment.DatasetMissing) as exc:
+        typer.echo(f"frugalserve: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    raise typer.BadParameter(f"--data must be one of {', '.join(DATA_SETS)}, not {name!r}")
+
+
+def _numbers(text: str, kind: type, option: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option}: {text!r} is not a comma-separated list") from None
+    if not values or any(v < 0 for v in values):
+        raise typer.BadParameter(f"{option}: give one or more non-negative numbers")
+    return values
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
+@app.command()
+def optimize(
+    model: str = typer.Argument(..., help="The model to optimize (a folder of the repository); "
+                                "its latest version is the reference."),
+    repository: Path = typer.Option(..., "--repository", "-r", help="Model repository folder."),
+    data: str = typer.Option(..., help="Validation and test data: fashion-mnist or sentiment."),
+    max_accuracy_drop: float = typer.Option(0.5, help="Percentage points of validation "
+                                            "accuracy the plan may lose against the reference."),
+    p99_ms: float = typer.Option(50.0, "--p99-ms", help="p99 latency target (queue wait + "
+                                 "compute, every stage an item passes), ms."),
+    margin_z: float = typer.Option(1.0, help="Safety margin: standard errors of the paired "
+                                   "accuracy drop (vs the reference, on validation) added "
+                                   "before comparing it with --max-accuracy-drop (0: none)."),
+    candidates: str = typer.Option(None, help="Other repository models with the same inputs "
+                                   "and outputs to try as variants, comma-separated."),
+    ledger: str = typer.Option(None, help=OPT_LEDGER_HELP),
+    rate_card: Path = typer.Option(None, help="YAML with device prices that override the "
+                                   "shipped rate card."),
+    rate: float = typer.Option(None, help="Expected load, items/s: sizes each stage's batches "
+                               "and queue waits (default: busy, full batches)."),
+    batch_sizes: str = typer.Option("1,8,32,64", help="Batch sizes to profile and try as "
+                                    "max_batch_size."),
+    delays: str = typer.Option("1,2,5,10", help="max_queue_delay_ms values to try."),
+    calls: int = typer.Option(200, help="Timed calls per batch size when profiling."),
+    reuse_variants: bool = typer.Option(False, help="Keep variant folders that already have a "
+                                        "profile.json instead of remaking them."),
+    unlabelled_rows: int = typer.Option(20_000, help="Training rows (labels unread) the "
+                                        "student is distilled on."),
+    chart: Path = typer.Option(None, help="PNG chart path (default <repo>/<model>/plan.png)."),
 ) -> None:
-    """Make int8, fp16, pruned and distilled variants of a Fashion-MNIST ONNX classifier and
-    profile each on the validation split (1 thread)."""
+    """Make and profile variants, calibrate cascades, search plans and batch settings, print the
+    Pareto frontier and the levers, and write the cheapest plan meeting the targets as
+    <repo>/<model>/plan.yaml."""
     from rich.console import Console
 
-    from .optimize.variants import build_variants, profiles_table
-    from .workloads import fashion_mnist
+    from .economics.ratecard import RateCardError
+    from .optimize import plan_report
+    from .optimize.optimizer import Settings, optimize_model
+    from .optimize.plan_search import Targets
+    from .optimize.variants import profiles_table
+    from .progress import new_progress
+    from .repository import ConfigError
 
-    console = Console()
-    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
-                      key=lambda p: int(p.name)) if model_dir.is_dir() else []
-    if not versions or not (versions[-1] / "model.onnx").exists():
-        console.print(f"[red]{model_dir}: no <version>/model.onnx in it[/red]")
-        raise typer.Exit(1)
     try:
-        data = fashion_mnist.load()
-    except fashion_mnist.DatasetMissing as exc:
-        console.print(f"[red]{exc}[/red]")
+        targets = Targets(max_accuracy_drop / 100, p99_ms, margin_z)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if rate is not None and rate <= 0:
+        raise typer.BadParameter("--rate must be > 0 items/s")
+    settings = Settings(targets, _names(candidates), ledger_url=ledger, rate_card=rate_card,
+                        batch_sizes=_numbers(batch_sizes, int, "--batch-sizes"),
+                        delays_ms=_numbers(delays, float, "--delays"), rate_rps=rate,
+                        calls=calls, reuse=reuse_variants, unlabelled_rows=unlabelled_rows,
+                        chart=chart)
+    dataset = _optimize_data(data)
+    console = Console()
+    if not console.is_terminal:  # piped to a file: keep the tables' columns unwrapped
+        console.width = max(console.width, 200)
+    try:
+        with new_progress(console) as progress:
+            out = optimize_model(repository, model, dataset, settings, progress)
+    except (ValueError, ConfigError, RateCardError) as exc:
+        console.print(f"[red]frugalserve optimize: {exc}[/red]")
         raise typer.Exit(1) from exc
-    result = build_variants(versions[-1] / "model.onnx", out,
-                            x_calibration=data.train.x[:1024], x_val=data.validation.x,
-                            y_val=data.validation.y, x_unlabelled=data.train.x,
-                            model=model_dir.name, version=versions[-1].name, ledger_url=ledger,
-                            calls=calls)
+    console.print(profiles_table(out.variants.profiles))
+    for name, why in out.variants.skipped.items():
+        console.print(f"skipped {name}: {why}")
+    console.print(plan_report.frontier_table(out.search))
+    if out.search.chosen is None:
+        console.print(f"[red]no plan keeps accuracy within {max_accuracy_drop:g} pp of the "
+                      f"reference with p99 <= {p99_ms:g} ms; no plan.yaml written "
+                      f"(chart: {out.chart_path})[/red]")
+        raise typer.Exit(1)
+    console.print(plan_report.tiers_table(out.search, out.tests))
+    console.print(plan_report.levers_table(out.search))
+    console.print(f"chart: {out.chart_path}\nplan: {out.plan_path}")
+
+
+@app.command()
+def variants(
+    model: str = typer.Argument(..., help="The model whose latest version gets variants."),
+    repository: Path = typer.Option(..., "--repository", "-r", help="Model repository folder."),
+    data: str = typer.Option(..., help="Validation data: fashion-mnist or sentiment."),
+    candidates: str = typer.Option(None, help="Other repository models with the same inputs "
+                                   "and outputs to copy in as variants, comma-separated."),
+    ledger: str = typer.Option(None, help=OPT_LEDGER_HELP),
+    calls: int = typer.Option(200, help="Timed calls per batch size."),
+    unlabelled_rows: int = typer.Option(20_000, help="Training rows (labels unread) the "
+                                        "student is distilled on."),
+) -> None:
+    """Make int8, fp16, pruned and distilled variants into <version>/variants/ and profile each
+    (and the reference) on the validation split, without planning."""
+    from rich.console import Console
+
+    from .optimize.optimizer import STUDENT_MAX_ITER
+    from .optimize.variants import build_variants, profiles_table
+    from .progress import new_progress
+    from .repository import ConfigError
+
+    dataset = _optimize_data(data)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    try:
+        with new_progress(console) as progress:
+            result = build_variants(
+                repository, model, x_calibration=dataset.x_train[:1024], x_val=dataset.x_val,
+                y_val=dataset.y_val, x_unlabelled=dataset.x_train[:unlabelled_rows],
+                candidates=_names(candidates), ledger_url=ledger, calls=calls,
+                student_max_iter=STUDENT_MAX_ITER, progress=progress)
+    except (ValueError, ConfigError) as exc:
+        console.print(f"[red]frugalserve variants: {exc}[/red]")
+        raise typer.Exit(1) from exc
     console.print(profiles_table(result.profiles))
     for name, why in result.skipped.items():
         console.print(f"skipped {name}: {why}")

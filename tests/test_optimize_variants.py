@@ -12,10 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 from skl2onnx import to_onnx
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
 from frugalserve.economics.training import open_ledger, training_runs_for
@@ -198,20 +200,95 @@ def test_profile_has_sane_fields_and_round_trips_through_json(digits, tmp_path):
     assert json.loads((tmp_path / "fp32.json").read_text())["latency"]["64"]["batch"] == 64
 
 
-def test_build_variants_writes_every_variant_and_its_profile(digits, tmp_path):
-    from frugalserve.optimize.variants import build_variants, profiles_table
+def _put(repo: Path, name: str, onnx_bytes: bytes, files: dict[str, str] | None = None) -> Path:
+    folder = repo / name / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(onnx_bytes)
+    for fname, text in (files or {}).items():
+        (folder / fname).write_text(text)
+    (repo / name / "config.yaml").write_text(yaml.safe_dump(
+        {"device": {"type": "aws-c7i.large", "share": 0.5}, "parameters": {"threads": 1}}))
+    return folder
 
-    out = tmp_path / "variants"
-    result = build_variants(digits.path, out, x_calibration=digits.x_train[:256],
+
+def _onnx(model, x: np.ndarray) -> bytes:
+    return to_onnx(model, x[:1], options={id(model): {"zipmap": False}},
+                   target_opset=17).SerializeToString()
+
+
+def test_build_variants_fills_the_repository_layout(digits, tmp_path):
+    from frugalserve.optimize.variants import build_variants, profiles_table
+    from frugalserve.repository import ModelRepository
+
+    repo = tmp_path / "repo"
+    vdir = _put(repo, "digits", digits.path.read_bytes(), {"labels.txt": "0 1 2 3 4 5 6 7 8 9"})
+    logreg = LogisticRegression(max_iter=300).fit(digits.x_train, digits.y_train)
+    _put(repo, "digits-logreg", _onnx(logreg, digits.x_train))
+    narrow = LogisticRegression(max_iter=300).fit(digits.x_train[:, :8], digits.y_train)
+    _put(repo, "digits-narrow", _onnx(narrow, digits.x_train[:, :8]))  # 8 features, not 64
+    result = build_variants(repo, "digits", x_calibration=digits.x_train[:256],
                             x_val=digits.x_val, y_val=digits.y_val,
-                            x_unlabelled=digits.x_train, model="digits", version="1",
+                            x_unlabelled=digits.x_train, student_hidden=(16,),
+                            candidates=["digits-logreg", "digits-narrow"],
                             ledger_url=f"sqlite:///{tmp_path / 'ledger.db'}",
-                            student_hidden=(16,), batch_sizes=(1, 8), calls=10)
+                            batch_sizes=(1, 8), calls=10)
     names = [p.variant for p in result.profiles]
-    assert names == ["fp32", "int8-dynamic", "int8-static", "fp16", "sparse-50", "pruned-25",
-                     "student"] and not result.skipped
-    for prof in result.profiles:
-        assert Profile.load(out / f"{prof.variant}.json") == prof
-        assert prof.size_bytes == (out / f"{prof.variant}.onnx").stat().st_size
-    assert len(json.loads((out / "profiles.json").read_text())["profiles"]) == 7
-    assert profiles_table(result.profiles).row_count == 7
+    assert names == ["reference", "int8-dynamic", "int8-static", "fp16", "sparse-50",
+                     "pruned-25", "student", "digits-logreg"]
+    assert list(result.skipped) == ["digits-narrow"]
+    assert "signature differs" in result.skipped["digits-narrow"]
+    assert not (vdir / "variants" / "digits-narrow").exists()
+    assert Profile.load(vdir / "profile.json") == result.profiles[0]  # the reference's
+    assert result.profiles[0].accuracy == pytest.approx(digits.accuracy)
+    for prof in result.profiles[1:]:
+        folder = vdir / "variants" / prof.variant
+        assert result.folder(prof.variant) == folder
+        assert Profile.load(folder / "profile.json") == prof
+        assert prof.size_bytes == (folder / "model.onnx").stat().st_size
+        if prof.variant != "digits-logreg":  # a candidate brings its own version's files
+            assert (folder / "labels.txt").read_text() == "0 1 2 3 4 5 6 7 8 9"
+    for name, preds in result.predictions.items():
+        assert len(preds.labels) == len(digits.y_val) and preds.confidence is not None
+        assert np.mean(preds.correct(digits.y_val)) == pytest.approx(
+            result.profile(name).accuracy)
+    assert result.profile("student").notes["training_run_id"] is not None
+    assert profiles_table(result.profiles).row_count == 8
+    # the server opens every variant folder with the model's runtime: a plan naming each loads
+    tiers = {n: {"stages": [{"variant": n}]} for n in names}
+    (repo / "digits" / "plan.yaml").write_text(yaml.safe_dump({"tiers": tiers}))
+    loaded = ModelRepository(repo).load("digits")
+    try:
+        assert sorted(loaded.versions["1"].variants) == sorted(names[1:])
+    finally:
+        loaded.close()
+
+
+def test_text_models_skip_the_makers_that_need_numbers(tmp_path):
+    """A TF-IDF pipeline over `text` BYTES [-1, 1]: profiled from object arrays; no maker
+    applies, each says why."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import Pipeline
+
+    from frugalserve.optimize.variants import build_variants
+    from frugalserve.workloads.sentiment import TOKEN_PATTERN, tfidf_to_onnx
+
+    rng = np.random.default_rng(0)
+    good, bad = ["great", "fine", "moving", "fun"], ["dull", "awful", "boring", "flat"]
+    text = [" ".join(rng.choice(good if i % 2 else bad, 3)) + " film" for i in range(120)]
+    y = np.arange(120) % 2
+    model = Pipeline([("tfidf", TfidfVectorizer(token_pattern=TOKEN_PATTERN)),
+                      ("lr", LogisticRegression())]).fit(text, y)
+    repo = tmp_path / "repo"
+    _put(repo, "words", tfidf_to_onnx(model))
+    rows = np.asarray(text, dtype=object).reshape(-1, 1)
+    result = build_variants(repo, "words", x_calibration=rows, x_val=rows, y_val=y,
+                            x_unlabelled=rows, batch_sizes=(1, 8), calls=10)
+    assert [p.variant for p in result.profiles] == ["reference"]
+    assert result.profiles[0].accuracy == 1.0 and result.profiles[0].validation_rows == 120
+    assert set(result.skipped) == {"int8-dynamic", "int8-static", "fp16", "sparse-50",
+                                   "pruned-25", "student"}
+    assert "no MatMul, Gemm or Conv" in result.skipped["int8-dynamic"]
+    assert "FP32 inputs" in result.skipped["student"]
+    assert "no MatMul or Gemm weight matrix" in result.skipped["sparse-50"]
+    conf = result.predictions["reference"].confidence
+    assert conf.shape == (120,) and np.all((conf >= 0.5) & (conf <= 1))

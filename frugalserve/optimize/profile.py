@@ -1,11 +1,20 @@
 """A variant's profile: what it gets right, how fast it answers, what it takes.
 
-Measured here, on this machine, the way the server runs a model: one onnxruntime session with one
-intra-op thread (the server's default per instance). Latency is of single `predict` calls at each
-batch size (p50 and p99 over `calls` calls after a warm-up); throughput is items per second at
-that batch size, from the mean call time. Size is the file's bytes on disk; memory is the growth
-of this process's resident set (from /proc/self/statm) from before the model was loaded to after
-its first call, a rough figure (the allocator may reuse freed pages) that is clamped at zero.
+Any variant folder (a version folder, or `<version>/variants/<name>/`) is loaded through the
+runtime its artifact calls for (`frugalserve.runtimes.runtime_for`), the way the server loads a
+version: ONNX classifiers over pixels and text models over `text` BYTES [-1, 1] (rows given as
+object arrays) are measured alike. Measured here, on this machine, with the options the server
+would pass (the model's config.yaml `parameters`, one intra-op thread unless they say otherwise:
+the server's default per instance).
+
+Latency is of single `predict` calls at each batch size (p50 and p99 over at least `calls` calls
+and `min_s` seconds, after a warm-up); throughput is items per second at that batch size, from
+the mean call time; cost estimates use the trimmed mean (the calls at or below the p99).
+Accuracy is top-1 from the `label` output (else the argmax of the first 2-d output); confidence,
+which cascades route on, is the row's maximum of `probabilities`. Size is the artifact's bytes
+on disk; memory is the growth of this process's resident set (from /proc/self/statm) from before
+the model was loaded to after its first call, a rough figure (the allocator may reuse freed
+pages) that is clamped at zero.
 """
 
 from __future__ import annotations
@@ -22,11 +31,15 @@ import numpy as np
 from rich.progress import Progress
 
 from ..progress import new_progress
+from ..runtimes import Runtime, runtime_for
 from ..runtimes.onnx import OnnxRuntime
 from . import graph
 
 BATCH_SIZES = (1, 8, 32, 64)
+CONFIDENCE_OUTPUT = "probabilities"
+PROFILE_FILE = "profile.json"
 _STATM = Path("/proc/self/statm")
+_CHUNK = 256  # rows per call when predicting a whole split
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,9 @@ class BatchLatency:
     mean_ms: float
     throughput: float  # items per second, one thread
     calls: int
+    # the mean of the calls at or below the p99: what cost estimates use, because on a shared
+    # machine a call that was preempted measures the neighbour, not the model
+    trimmed_mean_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,72 +116,169 @@ def _rss_bytes() -> int:
         return 0
 
 
+
+@dataclass(frozen=True)
+class Predictions:
+    """One variant's answers on a split: top-1 labels and, when it has the confidence output,
+    each row's confidence (the maximum over the row: what a cascade stage routes on)."""
+
+    labels: np.ndarray
+    confidence: np.ndarray | None
+
+    def correct(self, y: np.ndarray) -> np.ndarray:
+        return np.asarray(self.labels).reshape(-1) == np.asarray(y).reshape(-1)
+
+
+def open_runtime(folder: Path, runtime: str | None = None,
+                 options: dict[str, Any] | None = None) -> Runtime:
+    """The variant in `folder` loaded as the server loads a version: the runtime named (the
+    model's config.yaml `runtime`), else the one whose artifact is in the folder."""
+    kind = runtime_for(Path(folder), runtime)
+    return kind(Path(folder) / kind.filename, {"threads": 1, **(options or {})})
+
+
+def input_rows(runtime: Runtime, x: np.ndarray) -> tuple[str, np.ndarray]:
+    """The model's one input name, and `x` in the dtype it takes (pixels become float32; text
+    rows stay object arrays)."""
+    inputs = runtime.signature()[0]
+    if len(inputs) != 1:
+        raise ValueError(f"{runtime.path}: profiling needs a model with one input, it has "
+                         f"{[i.name for i in inputs]}")
+    x = np.asarray(x)
+    if inputs[0].datatype == "FP32" and x.dtype != np.float32:
+        x = x.astype(np.float32)
+    return inputs[0].name, np.ascontiguousarray(x)
+
+
 def _labels(outputs: dict[str, np.ndarray]) -> np.ndarray:
     if "label" in outputs:
-        return outputs["label"]
+        return np.asarray(outputs["label"]).reshape(-1)
     scores = next(v for v in outputs.values() if v.ndim == 2)
     return scores.argmax(axis=1)
 
 
-def measure_latency(runtime: OnnxRuntime, name: str, x: np.ndarray, batch: int,
-                    calls: int = 200, warmup: int = 10, budget_s: float = 2.0) -> BatchLatency:
-    """Time `calls` single calls of `batch` rows (fewer if `budget_s` runs out first)."""
+def predict_rows(runtime: Runtime, x: np.ndarray,
+                 confidence_output: str = CONFIDENCE_OUTPUT) -> Predictions:
+    """Labels and confidences of every row of `x`, `_CHUNK` rows per call."""
+    name, rows = input_rows(runtime, x)
+    labels, confidence = [], []
+    for i in range(0, len(rows), _CHUNK):
+        out = runtime.predict({name: rows[i:i + _CHUNK]})
+        labels.append(_labels(out))
+        if confidence_output in out:
+            confidence.append(np.asarray(out[confidence_output]).max(axis=1))
+    conf = np.concatenate(confidence).astype(np.float32) if confidence else None
+    return Predictions(np.concatenate(labels), conf)
+
+
+def predict_folder(folder: Path, x: np.ndarray, runtime: str | None = None,
+                   options: dict[str, Any] | None = None,
+                   confidence_output: str = CONFIDENCE_OUTPUT) -> Predictions:
+    engine = open_runtime(folder, runtime, options)
+    try:
+        return predict_rows(engine, x, confidence_output)
+    finally:
+        engine.close()
+
+
+def measure_latency(runtime: Runtime, name: str, x: np.ndarray, batch: int,
+                    calls: int = 200, warmup: int = 10, budget_s: float = 2.0,
+                    min_s: float = 0.25) -> BatchLatency:
+    """Time single calls of `batch` rows: at least `calls` of them over at least `min_s`
+    seconds (a fast model gets thousands, so one stall moves the mean little), stopping once
+    `budget_s` has passed and 10 calls are in."""
     reps = -(-batch // len(x))
-    rows = np.ascontiguousarray(np.tile(x, (reps, 1))[:batch] if reps > 1 else x[:batch])
+    rows = np.ascontiguousarray(np.tile(x, (reps,) + (1,) * (x.ndim - 1))[:batch]
+                                if reps > 1 else x[:batch])
     feed = {name: rows}
     for _ in range(warmup):
         runtime.predict(feed)
     times = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(calls):
+    start = time.perf_counter()
+    while True:
         t0 = time.perf_counter()
         runtime.predict(feed)
         t1 = time.perf_counter()
         times.append(t1 - t0)
-        if t1 > deadline and len(times) >= 10:
+        if (len(times) >= calls and t1 - start >= min_s) or (
+                t1 - start > budget_s and len(times) >= 10):
             break
     ms = np.asarray(times) * 1e3
-    mean = float(ms.mean())
-    return BatchLatency(batch, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-                        mean, batch / (mean / 1e3), len(ms))
+    mean, p99 = float(ms.mean()), float(np.percentile(ms, 99))
+    return BatchLatency(batch, float(np.percentile(ms, 50)), p99, mean, batch / (mean / 1e3),
+                        len(ms), float(ms[ms <= p99].mean()))
 
 
-def profile_model(path: Path, x: np.ndarray, y: np.ndarray, *, variant: str | None = None,
-                  batch_sizes: tuple[int, ...] = BATCH_SIZES, calls: int = 200,
-                  budget_s: float = 2.0, progress: Progress | None = None,
-                  notes: dict[str, Any] | None = None) -> Profile:
-    """Profile the ONNX model at `path` on validation rows `x` with labels `y`."""
-    path = Path(path)
-    variant = variant or path.stem
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def _parameters(path: Path) -> int:
+    return graph.parameter_count(path) if path.suffix == ".onnx" else 0
+
+
+def profile_runtime(runtime: Runtime, x: np.ndarray, y: np.ndarray, *, variant: str,
+                    rss_before: int, batch_sizes: tuple[int, ...] = BATCH_SIZES,
+                    calls: int = 200, budget_s: float = 2.0, min_s: float = 0.25,
+                    progress: Progress | None = None,
+                    notes: dict[str, Any] | None = None,
+                    confidence_output: str = CONFIDENCE_OUTPUT) -> tuple[Profile, Predictions]:
+    """Profile a loaded runtime on validation rows `x` with labels `y` (see the module's note)."""
     own = progress is None
     progress = progress or new_progress()
     if own:
         progress.start()
     try:
         task = progress.add_task(f"profiling {variant}", total=2 + len(batch_sizes))
-        rss0 = _rss_bytes()
-        runtime = OnnxRuntime(path, {"threads": 1})
-        try:
-            name = runtime.signature()[0][0].name
-            runtime.predict({name: x[:1]})
-            rss = max(0, _rss_bytes() - rss0)
+        name, rows = input_rows(runtime, x)
+        runtime.predict({name: rows[:1]})
+        rss = max(0, _rss_bytes() - rss_before)
+        progress.advance(task)
+        predictions = predict_rows(runtime, rows, confidence_output)
+        accuracy = float(np.mean(predictions.correct(y))) if len(y) else 0.0
+        progress.advance(task)
+        latency = {}
+        for batch in batch_sizes:
+            latency[batch] = measure_latency(runtime, name, rows, batch, calls=calls,
+                                             budget_s=budget_s, min_s=min_s)
             progress.advance(task)
-            predicted = np.concatenate([_labels(runtime.predict({name: x[i:i + 256]}))
-                                        for i in range(0, len(x), 256)])
-            accuracy = float(np.mean(predicted == y)) if len(y) else 0.0
-            progress.advance(task)
-            latency = {}
-            for batch in batch_sizes:
-                latency[batch] = measure_latency(runtime, name, x, batch, calls=calls,
-                                                 budget_s=budget_s)
-                progress.advance(task)
-        finally:
-            runtime.close()
     finally:
         if own:
             progress.stop()
-    return Profile(variant=variant, path=str(path), accuracy=accuracy, validation_rows=len(y),
-                   size_bytes=path.stat().st_size, rss_bytes=rss,
-                   parameters=graph.parameter_count(path), latency=latency, threads=1,
-                   device=cpu_name(), measured_at=time.time(), notes=dict(notes or {}))
+    path = Path(runtime.path)
+    threads = int(runtime.options.get("threads", 1))
+    profile = Profile(variant=variant, path=str(path), accuracy=accuracy, validation_rows=len(y),
+                      size_bytes=path.stat().st_size, rss_bytes=rss,
+                      parameters=_parameters(path), latency=latency, threads=threads,
+                      device=cpu_name(), measured_at=time.time(),
+                      notes={"runtime": runtime.name, **(notes or {})})
+    return profile, predictions
+
+
+def profile_folder(folder: Path, x: np.ndarray, y: np.ndarray, *, variant: str,
+                   runtime: str | None = None, options: dict[str, Any] | None = None,
+                   **kwargs: Any) -> tuple[Profile, Predictions]:
+    """Profile the variant in `folder` (a version folder or a variant folder) and save the profile
+    as `<folder>/profile.json`; keyword arguments as `profile_runtime`."""
+    rss0 = _rss_bytes()
+    engine = open_runtime(folder, runtime, options)
+    try:
+        profile, predictions = profile_runtime(engine, x, y, variant=variant, rss_before=rss0,
+                                               **kwargs)
+    finally:
+        engine.close()
+    profile.save(Path(folder) / PROFILE_FILE)
+    return profile, predictions
+
+
+def profile_model(path: Path, x: np.ndarray, y: np.ndarray, *, variant: str | None = None,
+                  batch_sizes: tuple[int, ...] = BATCH_SIZES, calls: int = 200,
+                  budget_s: float = 2.0, progress: Progress | None = None,
+                  notes: dict[str, Any] | None = None) -> Profile:
+    """Profile one ONNX file at `path`, wherever it lies, on onnxruntime with one thread."""
+    path = Path(path)
+    rss0 = _rss_bytes()
+    engine = OnnxRuntime(path, {"threads": 1})
+    try:
+        profile, _ = profile_runtime(engine, x, y, variant=variant or path.stem, rss_before=rss0,
+                                     batch_sizes=batch_sizes, calls=calls, budget_s=budget_s,
+                                     progress=progress, notes=notes)
+    finally:
+        engine.close()
+    return profile

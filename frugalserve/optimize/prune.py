@@ -41,7 +41,7 @@ class PruneReport:
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # weight -> (before, after)
 
 
-def _weight_names(model: onnx.ModelProto) -> list[str]:
+def weight_names(model: onnx.ModelProto) -> list[str]:
     """Initializers that are the weight matrix of a MatMul or Gemm."""
     inits = graph.initializers(model)
     return [n.input[1] for n in model.graph.node
@@ -49,14 +49,17 @@ def _weight_names(model: onnx.ModelProto) -> list[str]:
 
 
 def magnitude_prune(src: Path, dst: Path, sparsity: float) -> PruneReport:
-    """Zero the `sparsity` fraction of smallest-magnitude entries of every weight matrix."""
+    """Zero the `sparsity` fraction of smallest-magnitude entries of every weight matrix.
+    Raises ValueError for a model with no MatMul or Gemm weight matrix."""
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     model = graph.load(Path(src))
+    if not weight_names(model):
+        raise ValueError(f"{src}: no MatMul or Gemm weight matrix to prune")
     before = graph.parameter_count(model)
     inits = graph.initializers(model)
     layers = {}
-    for name in dict.fromkeys(_weight_names(model)):
+    for name in dict.fromkeys(weight_names(model)):
         w = inits[name].copy()
         k = int(sparsity * w.size)
         if k:

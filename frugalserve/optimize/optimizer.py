@@ -35,7 +35,7 @@ from .plan_search import (
     search,
 )
 from .profile import BATCH_SIZES, CONFIDENCE_OUTPUT, Predictions, predict_folder
-from .variants import VariantSet, build_variants
+from .variants import VariantSet, build_variants, variant_runtime
 
 CHART_FILE = "plan.png"
 STUDENT_MAX_ITER = 60  # epochs of the student's fit: converged on 20k rows, a few seconds
@@ -100,8 +100,8 @@ def test_results(variants: VariantSet, options: dict[str, PlanOption], x_test: n
     for name, option in options.items():
         for stage in option.stages:
             if stage not in cache:
-                cache[stage] = predict_folder(variants.folder(stage), x_test, config.runtime,
-                                              config.parameters)
+                cache[stage] = predict_folder(variants.folder(stage), x_test,
+                                              variant_runtime(config, stage), config.parameters)
         preds = [cache[s] for s in option.stages]
         out[name] = cascade.evaluate([p.correct(y_test) for p in preds],
                                      [p.confidence for p in preds], option.thresholds)

@@ -176,6 +176,13 @@ def _makers(source: Path, x_calibration: np.ndarray, x_unlabelled: np.ndarray, *
     }
 
 
+def variant_runtime(config: ModelConfig, variant: str) -> str | None:
+    """The runtime a variant loads with, as the server loads it: the model's configured one
+    for the reference, the one its own files call for otherwise (a TF-IDF ONNX file can be a
+    cheap stage in front of a tokenizer + encoder model)."""
+    return config.runtime if variant == REFERENCE else None
+
+
 def _copy_companions(version: Path, dst: Path, artifact: str | None) -> None:
     """The version folder's files other than its artifact, profile and variants (a tokenizer,
     a vocabulary), so the variant loads with the same runtime."""
@@ -203,13 +210,14 @@ class _Job:
     def measure(self, name: str, notes: dict[str, Any], progress: Progress) -> None:
         folder = self.set.folder(name)
         config = self.set.config
+        runtime = variant_runtime(config, name)
         saved = folder / PROFILE_FILE
         if self.reuse and saved.exists():
             prof = Profile.load(saved)
-            preds = predict_folder(folder, self.x_val, config.runtime, config.parameters)
+            preds = predict_folder(folder, self.x_val, runtime, config.parameters)
         else:
             prof, preds = profile_folder(folder, self.x_val, self.y_val, variant=name,
-                                         runtime=config.runtime, options=config.parameters,
+                                         runtime=runtime, options=config.parameters,
                                          progress=progress, notes=notes, **self.kwargs)
         self.set.profiles.append(prof)
         self.set.predictions[name] = preds
@@ -288,8 +296,7 @@ def _make(result: VariantSet, name: str, make: Callable[[Path], object],
             shutil.rmtree(folder, ignore_errors=True)
             return str(exc) if isinstance(exc, ValueError) else f"failed: {exc!r}"
         _copy_companions(result.version_dir, folder, OnnxRuntime.filename)
-        mismatch = signature_mismatch(expected, signature(folder, config.runtime,
-                                                          config.parameters))
+        mismatch = signature_mismatch(expected, signature(folder, None, config.parameters))
         if mismatch:
             shutil.rmtree(folder, ignore_errors=True)
             return f"its signature differs from the reference's: {mismatch}"
@@ -312,8 +319,7 @@ def _candidate(result: VariantSet, repository: Path, name: str,
     if not (reuse and (folder / PROFILE_FILE).exists()):
         try:
             source = version_dir(repository, name)
-            mismatch = signature_mismatch(expected, signature(source, config.runtime,
-                                                              config.parameters))
+            mismatch = signature_mismatch(expected, signature(source, None, config.parameters))
         except Exception as exc:  # noqa: BLE001 - a candidate that will not load is skipped
             return f"cannot load it: {exc}"
         if mismatch:

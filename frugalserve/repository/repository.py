@@ -118,9 +118,9 @@ class ModelRepository:
         return LoadedModel(config.name, config, versions)
 
 
-def _open_runtime(folder: Path, config: ModelConfig) -> Runtime:
+def _open_runtime(folder: Path, config: ModelConfig, runtime: str | None) -> Runtime:
     try:
-        kind = runtime_for(folder, config.runtime)
+        kind = runtime_for(folder, runtime)
         artifact = folder / kind.filename
         if not artifact.exists():
             raise ModelLoadError(f"{artifact}: missing ({kind.name} runtime)")
@@ -140,7 +140,7 @@ def _config_file(folder: Path) -> Path:
 
 
 def _load_version(vdir: Path, config: ModelConfig) -> LoadedVersion:
-    runtime = _open_runtime(vdir, config)
+    runtime = _open_runtime(vdir, config, config.runtime)
     found_in, found_out = runtime.signature()
     try:
         inputs = _reconcile(config.inputs, found_in, "input")
@@ -169,7 +169,9 @@ def _load_variants(loaded: LoadedVersion, plan: Plan, vdir: Path, config: ModelC
         folder = variant_dir(vdir, variant)
         if not folder.is_dir():
             raise RepositoryError(f"{where}: variant '{variant}' has no folder {folder}")
-        runtime = loaded.variants[variant] = _open_runtime(folder, config)
+        # a variant's own files say its runtime: a TF-IDF ONNX file may stand in front of a
+        # tokenizer + encoder model, as long as both take and return the same tensors
+        runtime = loaded.variants[variant] = _open_runtime(folder, config, None)
         found_in, found_out = runtime.signature()
         try:
             _reconcile(loaded.inputs, found_in, "input")

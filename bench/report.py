@@ -338,9 +338,9 @@ def _markdown_results(results: Results, workload: str) -> str:
     return f"\n### {workload}: {results.settings['models'].get(workload, '')}\n\n{table}\n"
 
 
-def update_benchmarks_md(path: Path, date: str, section: str) -> None:
-    """Append the section for `date`, or replace the one already there for that date."""
-    start, end = f"<!-- serving-bench {date} -->", f"<!-- /serving-bench {date} -->"
+def update_benchmarks_md(path: Path, date: str, section: str, name: str = "serving-bench") -> None:
+    """Append the `name` section for `date`, or replace the one already there for that date."""
+    start, end = f"<!-- {name} {date} -->", f"<!-- /{name} {date} -->"
     block = f"{start}\n{section.rstrip()}\n{end}\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)

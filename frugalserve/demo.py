@@ -1,4 +1,12 @@
-"""`frugalserve demo`: train two Fashion-MNIST classifiers, serve them, load them, price them.
+"""`frugalserve demo`: train two Fashion-MNIST classifiers, serve them, load them, price them;
+then optimize the better one and show what the plan saves, through the server.
+
+The optimizer story: `optimize` makes the MLP's variants (int8, pruned, a distilled student) and
+takes the logistic regression as a candidate, calibrates cascades and writes the cheapest plan
+within half a point of accuracy; the test set is then replayed through HTTP twice, against the
+naive deployment (the MLP alone, batches of one) and against the plan, and both are priced by
+the server's own meter. The student's training cost is set against what it saves per
+prediction: its break-even.
 
 Everything happens in this process: the server (the same one `frugalserve serve` runs) on a
 background thread with its own event loop, the load generator on the main thread. Both share
@@ -22,7 +30,11 @@ from .app import ServerSettings, ServerThread
 from .economics.ledger import open_engine, sqlite_url
 from .economics.ratecard import RateCard
 from .economics.summary import ModelUsage, model_usage
+from .optimize.optimizer import Dataset, Settings, optimize_model
+from .optimize.plan_search import Lever, Targets
 from .progress import new_progress
+from .replay import Replay, naive_repository, serve_and_replay
+from .repository.plan import REFERENCE
 from .workloads import fashion_mnist
 from .workloads.onnx_export import INPUT_NAME
 
@@ -55,11 +67,39 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class Savings:
+    """The optimizer's plan against the naive deployment, both replayed through the server."""
+
+    model: str
+    naive: Replay
+    plan: Replay
+    chosen: str  # the standard tier's plan, e.g. "fmnist-logreg → int8-static (64 / 1 ms)"
+    levers: list[Lever]
+    estimated_factor: float  # what the search expected from the profiles
+    student_training_usd: float | None
+    student_saving_per_1m_usd: float | None  # student vs reference, both at the chosen batch
+
+    @property
+    def factor(self) -> float:
+        return self.naive.usd_per_million / max(self.plan.usd_per_million, 1e-18)
+
+    @property
+    def student_break_even(self) -> float | None:
+        """Predictions the student must serve before its training has paid for itself."""
+        if not self.student_training_usd or not self.student_saving_per_1m_usd:
+            return None
+        if self.student_saving_per_1m_usd <= 0:
+            return None
+        return self.student_training_usd / self.student_saving_per_1m_usd * 1e6
+
+
+@dataclass(frozen=True)
 class DemoResult:
     models: list[fashion_mnist.ReferenceModel]
     phases: list[Phase]
     workdir: Path
     elapsed_s: float
+    savings: Savings | None = None
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
@@ -93,8 +133,50 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
                     duration_s=config.duration_s / 2, check=check, label=model.name), progress)
                 runs += [(model.name, closed), (model.name, poisson)]
         # leaving the block stopped the server, and its shutdown flushed the ledger
+        savings = optimize_and_verify(repository, data, bodies, ledger_url, workdir, progress)
     phases = _price(ledger_url, runs)
-    return DemoResult(models, phases, workdir, time.perf_counter() - t0)
+    return DemoResult(models, phases, workdir, time.perf_counter() - t0, savings)
+
+
+OPTIMIZED = "fmnist-mlp"
+VERIFY_CONNECTIONS = 64  # a busy server: the plan's batches fill as the search assumed
+
+
+def optimize_and_verify(repository: Path, data: fashion_mnist.FashionMNIST,
+                        bodies: list[bytes], ledger_url: str, workdir: Path,
+                        progress) -> Savings:
+    """`frugalserve optimize fmnist-mlp --candidates fmnist-logreg --max-accuracy-drop 0.5
+    --p99-ms 50`, then the test set through the naive deployment and through the plan."""
+    dataset = Dataset("fashion-mnist", data.train.x, data.validation.x, data.validation.y,
+                      data.test.x, data.test.y)
+    settings = Settings(Targets(max_accuracy_drop=0.005, p99_ms=50.0),
+                        candidates=("fmnist-logreg",), ledger_url=ledger_url)
+    result = optimize_model(repository, OPTIMIZED, dataset, settings, progress)
+    search = result.search
+    if search.chosen is None:
+        raise RuntimeError(f"no plan for {OPTIMIZED} met the targets; see {result.chart_path}")
+    naive_repo = naive_repository(repository, OPTIMIZED, workdir / "naive" / "repository")
+    naive, _ = serve_and_replay(naive_repo, OPTIMIZED, bodies, data.test.y,
+                                sqlite_url(workdir / "naive" / LEDGER_FILE),
+                                label="naive: fmnist-mlp, batch 1",
+                                concurrency=VERIFY_CONNECTIONS, progress=progress)
+    plan, _ = serve_and_replay(repository, OPTIMIZED, bodies, data.test.y, ledger_url,
+                               label="plan: standard tier", concurrency=VERIFY_CONNECTIONS,
+                               progress=progress)
+    profiles = {p.variant: p for p in result.variants.profiles}
+    student = profiles.get("student")
+    training = (float(student.notes["training_cost_usd"])
+                if student is not None and "training_cost_usd" in student.notes else None)
+    saving = None
+    batch = search.chosen.batching.max_batch_size
+    if student is not None and batch in student.latency:
+        reference = profiles[REFERENCE].latency[batch].mean_ms
+        saving = (search.price.usd_per_1m(reference, batch)
+                  - search.price.usd_per_1m(student.latency[batch].mean_ms, batch))
+    estimated = search.counterfactual.cost_per_1m_usd / search.chosen.cost_per_1m_usd
+    return Savings(OPTIMIZED, naive, plan,
+                   f"{search.chosen.label()} ({search.chosen.batching.label()})",
+                   list(search.levers), estimated, training, saving)
 
 
 def label_check(truth: np.ndarray) -> Callable[[int, bytes], bool]:

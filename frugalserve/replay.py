@@ -8,16 +8,22 @@ the server metered it.
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import orjson
+import yaml
 from rich.progress import Progress
 
 from . import loadgen, v2_client
 from .economics.meter import PICO_PER_USD
+from .repository.plan import PLAN_FILE, VARIANTS_DIR
+from .repository.repository import CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,45 @@ def replay(url: str, bodies: Sequence[bytes], labels: np.ndarray, *, concurrency
     summary = run.summary()
     return Replay(label, summary.requests, summary.ok, summary.accuracy or 0.0, sum(costs),
                   summary.p50_ms, summary.p99_ms, summary.rps, dict(paths))
+
+
+def naive_repository(repository: Path, model: str, into: Path) -> Path:
+    """A repository holding `model` as naively deployed: its reference variant alone, no plan,
+    batches of one. The counterfactual every saving is measured against."""
+    if into.exists():
+        shutil.rmtree(into)
+    shutil.copytree(repository / model, into / model,
+                    ignore=lambda _d, names: [n for n in names
+                                              if n in (VARIANTS_DIR, PLAN_FILE, "plan.png")])
+    config_path = into / model / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    config["batching"] = {**(config or {}).get("batching", {}), "max_batch_size": 1,
+                          "max_queue_delay_ms": 0}
+    config_path.write_text(yaml.safe_dump(config))
+    return into
+
+
+def serve_and_replay(repository: Path, model: str, bodies: Sequence[bytes], labels: np.ndarray,
+                     ledger_url: str, *, label: str, concurrency: int = 16,
+                     progress: Progress | None = None) -> tuple[Replay, int]:
+    """Start a server on `repository`, replay, stop it (the ledger flushes); also the ledger's
+    total for the model's requests answered since the start, to check the responses against
+    (pico-dollars)."""
+    from sqlalchemy import func, select
+
+    from .app import ServerSettings, ServerThread
+    from .economics.ledger import open_engine, usage
+
+    since = time.time()
+    with ServerThread(ServerSettings(repository, ledger_url, poll_interval_s=None)) as server:
+        result = replay(v2_client.infer_url(server.url, model), bodies, labels,
+                        concurrency=concurrency, label=label, progress=progress)
+    engine = open_engine(ledger_url)
+    try:
+        with engine.connect() as conn:
+            metered = conn.execute(select(func.sum(usage.c.cost_pusd))
+                                   .where(usage.c.model == model, usage.c.status == 200,
+                                          usage.c.ts >= since)).scalar()
+    finally:
+        engine.dispose()
+    return result, int(metered or 0)

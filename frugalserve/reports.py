@@ -14,7 +14,7 @@ from rich.table import Table
 from .loadgen import LoadSummary
 
 if TYPE_CHECKING:
-    from .demo import DemoResult, Phase
+    from .demo import DemoResult, Phase, Savings
 
 
 def format_usd(amount: Decimal | None, digits: int = 3) -> str:
@@ -63,6 +63,8 @@ def show_demo(result: DemoResult, console: Console) -> None:
         phases = [p for p in result.phases if p.model == model.name]
         console.print(_model_table(model.name, model.test_accuracy, model.train_s, phases))
     console.print(_DEMO_LEGEND, style="dim")
+    if result.savings is not None:
+        show_savings(result.savings, console)
     chart = write_demo_chart(result.phases, result.workdir / "demo.png")
     console.print(f"chart: {chart}   ledger: {result.workdir / 'ledger.db'}   "
                   f"repository: {result.workdir / 'repository'}")
@@ -90,6 +92,42 @@ def _model_table(name: str, test_accuracy: float, train_s: float, phases: list[P
         if p.load.errors:
             table.add_row("", f"errors: {format_errors(p.load.errors)}", style="red")
     return table
+
+
+def show_savings(s: Savings, console: Console) -> None:
+    """The naive deployment against the optimizer's plan, the levers, the student's payback."""
+    table = Table(title=f"{s.model}: naive deployment vs the optimizer's plan (test set, "
+                        f"{s.plan.requests:,} requests through HTTP, metered)",
+                  box=box.SIMPLE_HEAD)
+    for column in ("deployment", "accuracy", "$ / 1M", "p50", "p99", "answered by"):
+        table.add_column(column, justify="left" if column in ("deployment", "answered by")
+                         else "right")
+    for name, r in (("naive: reference, batch 1", s.naive), (f"plan: {s.chosen}", s.plan)):
+        paths = ", ".join(f"{p} {n / max(r.ok, 1):.0%}" for p, n in
+                          sorted(r.variants.items(), key=lambda kv: -kv[1]))
+        table.add_row(name, f"{r.accuracy:.4f}", format_usd(Decimal(r.usd_per_million)),
+                      f"{r.p50_ms:.1f} ms", f"{r.p99_ms:.1f} ms", paths)
+    console.print(table)
+    console.print(f"saving: {s.factor:.1f}x cheaper per prediction as metered "
+                  f"(the profiles predicted {s.estimated_factor:.1f}x), accuracy "
+                  f"{100 * (s.plan.accuracy - s.naive.accuracy):+.2f} points")
+    levers = Table(title="saving by lever (estimated from the profiles)", box=box.SIMPLE_HEAD)
+    for column in ("lever", "$ / 1M saved", "share", "how"):
+        levers.add_column(column, justify="right" if column in ("$ / 1M saved", "share")
+                          else "left")
+    for lever in s.levers:
+        levers.add_row(lever.name, format_usd(Decimal(lever.usd_per_1m)), f"{lever.share:.1%}",
+                       lever.detail)
+    console.print(levers)
+    if s.student_training_usd is not None:
+        line = f"distilled student: trained for {format_usd(Decimal(s.student_training_usd))}"
+        if s.student_break_even is not None:
+            line += (f"; it saves {format_usd(Decimal(s.student_saving_per_1m_usd))} per 1M "
+                     f"predictions against the reference, so it pays for itself after "
+                     f"{s.student_break_even:,.0f} predictions")
+        else:
+            line += "; it saves nothing per prediction here, so it never pays for itself"
+        console.print(line)
 
 
 _DEMO_LEGEND = (

@@ -287,3 +287,30 @@ def test_a_tenant_past_the_plans_budget_share_gets_the_downgrade_tier(tmp_path, 
     assert first > 0 and set(seen[:first]) == {"cheap>reference"}
     assert set(seen[first:]) == {"cheap"}
     assert other["parameters"]["variant"] == "cheap>reference"  # other tenants: no budget
+
+
+def test_replay_reads_accuracy_and_metered_cost_and_the_naive_copy_batches_by_one(
+        tmp_path, ledger_url):
+    from frugalserve.replay import naive_repository, request_bodies, serve_and_replay
+
+    repo = cascade_repo(tmp_path)
+    x = rows_with_confidence([0.95, 0.6, 0.9, 0.55, 0.99, 0.7])
+    cheap, reference = x.argmax(axis=1), (1 - x).argmax(axis=1)
+    labels = np.where(x.max(axis=1) >= THRESHOLD, cheap, reference)
+    labels[0] = 1 - labels[0]  # one wrong answer: accuracy 5/6
+    bodies = request_bodies("X", x)
+    planned, metered = serve_and_replay(repo, "pair", bodies, labels, ledger_url, label="plan",
+                                        concurrency=2)
+    assert planned.ok == len(x) and planned.accuracy == pytest.approx(5 / 6)
+    assert planned.cost_pusd == metered > 0
+    assert planned.variants == {"cheap": 3, "cheap>reference": 3}
+
+    naive = naive_repository(repo, "pair", tmp_path / "naive")
+    assert not (naive / "pair" / "plan.yaml").exists()
+    assert not (naive / "pair" / "1" / "variants").exists()
+    config = yaml.safe_load((naive / "pair" / "config.yaml").read_text())
+    assert config["batching"]["max_batch_size"] == 1
+    alone, metered = serve_and_replay(naive, "pair", bodies, reference, ledger_url,
+                                      label="naive", concurrency=2)
+    assert alone.variants == {"reference": len(x)} and alone.accuracy == 1.0
+    assert alone.cost_pusd == metered > 0

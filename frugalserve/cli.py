@@ -648,7 +648,8 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("create")
 def keys_create(
     tenant: str = typer.Option(..., help="Tenant the key's usage is billed to."),
-    tier: str = typer.Option("standard", help="Tier: free, standard or premium."),
+    tier: str = typer.Option("standard", help="Tier: free, economy, standard or premium (a "
+                             "plan tier of the same name serves its requests)."),
     admin: bool = typer.Option(False, help="May use the admin routes (repository, reports)."),
     name: str = typer.Option(None, help="A note to tell keys apart."),
     ledger: str = typer.Option(None, help=LEDGER_HELP),

@@ -26,6 +26,11 @@ class Runtime(ABC):
         self.path = path
         self.options = options
 
+    @classmethod
+    def detect(cls, folder: Path) -> bool:
+        """Whether `folder` holds this runtime's artifact (`runtime_for` asks each in turn)."""
+        return (folder / cls.filename).exists()
+
     @abstractmethod
     def signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """Inputs and outputs as the artifact declares them (batch axis first, -1 for any)."""

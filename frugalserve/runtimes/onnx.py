@@ -29,6 +29,14 @@ _ORT_TYPES = {
 }
 
 
+def as_text(values: np.ndarray) -> np.ndarray:
+    """BYTES elements (bytes, as the V2 codec gives them, or str) as str, same shape: given
+    bytes, onnxruntime would read each element's repr, "b'...'", as the string."""
+    flat = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+            for v in values.reshape(-1)]
+    return np.asarray(flat, dtype=object).reshape(values.shape)
+
+
 def _spec(arg: Any) -> TensorSpec:
     datatype = _ORT_TYPES.get(arg.type)
     if datatype is None:
@@ -60,6 +68,7 @@ class OnnxRuntime(Runtime):
         except Exception as exc:  # onnxruntime raises several unrelated types for bad files
             raise ModelLoadError(f"{path}: not a loadable ONNX model: {exc}") from exc
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._strings = [i.name for i in self.session.get_inputs() if i.type == "tensor(string)"]
 
     def signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return (
@@ -68,5 +77,8 @@ class OnnxRuntime(Runtime):
         )
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._strings:
+            inputs = {**inputs, **{name: as_text(inputs[name]) for name in self._strings
+                                   if name in inputs}}
         results = self.session.run(self._outputs, inputs)
         return dict(zip(self._outputs, results, strict=True))

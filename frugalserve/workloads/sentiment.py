@@ -14,6 +14,12 @@ Data and weights come only from installed packages, never from a hub at run time
   the sentence-transformers recipe done here: mean pooling over the attention mask, then L2
   normalisation.
 
+Served from text: each model goes into a repository as one ONNX file taking a string tensor
+`text` [-1, 1] and giving `label` and `probabilities`. TF-IDF + logistic regression is an ONNX
+pipeline with a string input; each encoder model is one graph (token ids -> encoder -> mean
+pooling -> normalisation -> the logistic head, see `text_export`) beside its `tokenizer.json`,
+served by the `text` runtime (tokenize, then ONNX). MiniLM-L6 is exported from torch to ONNX.
+
 Splits are fixed: the 12,808 snippets are split 80/10/10, stratified by label, with a seed
 (10,246 train, 1,281 validation, 1,281 test for seed 0). Labels: 1 = fresh, 0 = rotten.
 """
@@ -26,10 +32,11 @@ import hashlib
 import importlib.metadata
 import io
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +48,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 
-from .onnx_export import OPSET, export_classifier, write_model
+from .onnx_export import OPSET, write_model
+from .text_export import (
+    classifier_graph,
+    export_bert_encoder,
+    predict_text,
+    text_config,
+    write_text_model,
+)
+from .tracking import tracked
 
 CLASSES = ("rotten", "fresh")
 CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -224,6 +239,12 @@ class MiniLML3:
         (hidden,) = self.session.run([self.output], {"input_ids": ids, "attention_mask": mask})
         return _mean_pool(hidden, mask)
 
+    def onnx_encoder(self) -> tuple[Any, str]:
+        """The encoder as ONNX, and the name of its token-states output."""
+        import onnx
+
+        return onnx.load(str(minilm_l3_path())), self.output
+
 
 class MiniLML6:
     """all-MiniLM-L6-v2 (BERT, 6 layers) on torch via transformers, offline; mean pooling,
@@ -256,9 +277,12 @@ class MiniLML6:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return _mean_pool(hidden.numpy(), mask.numpy())
 
+    def onnx_encoder(self) -> tuple[Any, str]:
+        """The encoder exported to ONNX, and the name of its token-states output."""
+        return export_bert_encoder(self.model), "last_hidden_state"
 
-ENCODERS: dict[str, Callable[..., Callable[[Sequence[str]], np.ndarray]]] = {
-    MiniLML3.name: MiniLML3, MiniLML6.name: MiniLML6}
+
+ENCODERS: dict[str, Callable[..., Any]] = {MiniLML3.name: MiniLML3, MiniLML6.name: MiniLML6}
 
 
 def embed(encoder: Callable[[Sequence[str]], np.ndarray], text: Sequence[str],
@@ -307,47 +331,96 @@ def train_head(x: np.ndarray, y: np.ndarray, progress: Progress, name: str,
 
 @dataclass(frozen=True)
 class SentimentResult:
-    name: str
-    validation_accuracy: float
+    name: str  # the model's name in the repository
+    validation_accuracy: float  # of the served file, through the server's runtime
     test_accuracy: float
-    train_s: float  # training (and embedding, when not cached) seconds
-    path: Path | None  # the ONNX file written into the repository, if any
+    train_s: float  # training (and embedding the training split, when not cached) seconds
+    path: Path | None  # the model.onnx written into the repository, if any
+    agreement: float | None = None  # encoders: served labels = Python path's (val + test)
+    max_probability_diff: float | None = None  # encoders: served vs Python path
+    training_run_id: int | None = None  # in the ledger, when one was given
 
 
 def build(data: RottenTomatoes, progress: Progress, workdir: Path | None = None,
           repository: Path | None = None,
-          encoders: Sequence[str] = (MiniLML3.name, MiniLML6.name)) -> list[SentimentResult]:
-    """Train and measure the three models. With a repository: the TF-IDF pipeline as one ONNX
-    file with a string input, and each encoder's head as an ONNX classifier over embeddings
-    (the encoders themselves need a text runtime to be served; see the module docstring)."""
-    results = []
-    t0 = time.perf_counter()
-    tfidf = train_tfidf(data, progress)
-    train_s = time.perf_counter() - t0
-    onnx_bytes = tfidf_to_onnx(tfidf)
+          encoders: Sequence[str] = (MiniLML3.name, MiniLML6.name),
+          ledger_url: str | None = None) -> list[SentimentResult]:
+    """Train the three models, write each as a servable text model (`sentiment-tfidf`,
+    `sentiment-minilm-l3`, `sentiment-minilm-l6`: input `text` BYTES [-1, 1], outputs `label`
+    and `probabilities`) into `repository` (a temporary one without), and measure the written
+    files. With `ledger_url`, each training is recorded there as a run of the model's version
+    1 (an encoder model's run includes embedding its training split); without, none is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(repository) if repository is not None else Path(tmp)
+        results = [_build_tfidf(data, progress, target, ledger_url)]
+        for name in encoders:
+            results.append(_build_encoder(name, data, progress, workdir, target, ledger_url))
+    if repository is None:
+        results = [replace(r, path=None) for r in results]
+    return results
+
+
+def _build_tfidf(data: RottenTomatoes, progress: Progress, repository: Path,
+                 ledger_url: str | None) -> SentimentResult:
+    name = "sentiment-tfidf"
+    params = {"kind": "tf-idf 1-2 grams + logistic regression", "train_rows": len(data.train)}
+    with tracked(name, ledger_url, params) as run:
+        t0 = time.perf_counter()
+        model = train_tfidf(data, progress)
+        train_s = time.perf_counter() - t0
+    path = write_model(tfidf_to_onnx(model), repository, name)
+    onnx_bytes = path.read_bytes()
     val = onnx_tfidf_predict(onnx_bytes, data.validation.text)["label"]
     test = onnx_tfidf_predict(onnx_bytes, data.test.text)["label"]
-    path = write_model(onnx_bytes, repository, "sentiment-tfidf") if repository else None
-    results.append(SentimentResult("sentiment-tfidf", accuracy(val, data.validation),
-                                   accuracy(test, data.test), train_s, path))
-    for name in encoders:
+    return SentimentResult(name, accuracy(val, data.validation), accuracy(test, data.test),
+                           train_s, path, training_run_id=run.id)
+
+
+def _build_encoder(name: str, data: RottenTomatoes, progress: Progress, workdir: Path | None,
+                   repository: Path, ledger_url: str | None) -> SentimentResult:
+    """Embed, fit the head, compose encoder + head into one graph, write it with the tokenizer,
+    and check the written model against the Python path on validation and test."""
+    model_name = f"sentiment-{name}"
+    encoders: list[Any] = []  # made at most once, and only when an embedding is not cached
+
+    def encoder() -> Any:
+        if not encoders:
+            encoders.append(ENCODERS[name]())
+        return encoders[0]
+
+    def embeddings(split: TextSplit) -> np.ndarray:
+        cached = _cached(workdir, name, split.text)
+        return cached_embeddings(name, split.text, workdir, progress,
+                                 encoder=None if cached else encoder())
+
+    params = {"kind": f"{name} sentence embeddings + logistic regression",
+              "train_rows": len(data.train),
+              "embeddings_cached": _cached(workdir, name, data.train.text)}
+    with tracked(model_name, ledger_url, params) as run:
         t0 = time.perf_counter()
-        encoder = None
-        x = {}
-        for split in ("train", "validation", "test"):
-            text = getattr(data, split).text
-            if encoder is None and not _cached(workdir, name, text):
-                encoder = ENCODERS[name]()
-            x[split] = cached_embeddings(name, text, workdir, progress, encoder=encoder)
-        head = train_head(x["train"], data.train.y, progress, name)
+        head = train_head(embeddings(data.train), data.train.y, progress, name)
         train_s = time.perf_counter() - t0
-        model_name = f"sentiment-{name}-head"
-        path = (export_classifier(head, x["train"], repository, model_name)
-                if repository else None)
-        results.append(SentimentResult(
-            model_name, accuracy(head.predict(x["validation"]), data.validation),
-            accuracy(head.predict(x["test"]), data.test), train_s, path))
-    return results
+    task = progress.add_task(f"export {model_name} (encoder + head as one ONNX graph)",
+                             total=None)
+    path = write_text_model(classifier_graph(*encoder().onnx_encoder(), head), tokenizer_path(),
+                            repository, model_name, config=text_config(max_tokens=MAX_TOKENS))
+    progress.update(task, total=1, completed=1)
+    (val, val_same, val_diff), (test, test_same, test_diff) = (
+        _served_vs_python(path, split, head, embeddings(split))
+        for split in (data.validation, data.test))
+    return SentimentResult(model_name, val, test, train_s, path,
+                           float(np.concatenate([val_same, test_same]).mean()),
+                           max(val_diff, test_diff), run.id)
+
+
+def _served_vs_python(path: Path, split: TextSplit, head: LogisticRegression,
+                      x: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """The served file's accuracy on a split, where its labels equal the head's on the Python
+    path's embeddings `x`, and the largest difference of their probabilities."""
+    out = predict_text(path, split.text)
+    same = out["label"] == head.predict(x)
+    diff = float(np.abs(out["probabilities"] - head.predict_proba(x)).max())
+    return accuracy(out["label"], split), same, diff
 
 
 def _cache_path(workdir: Path | None, name: str, text: Sequence[str],
@@ -374,17 +447,21 @@ def main() -> None:  # pragma: no cover - `python -m frugalserve.workloads.senti
     parser = argparse.ArgumentParser(description="train and measure the sentiment models")
     parser.add_argument("--workdir", type=Path, default=Path("runs/sentiment"))
     parser.add_argument("--repository", type=Path, default=None)
+    parser.add_argument("--ledger", default=None, help="ledger URL: record the training runs")
     args = parser.parse_args()
     data = load()
     with new_progress() as progress:
-        results = build(data, progress, args.workdir, args.repository)
+        results = build(data, progress, args.workdir, args.repository, ledger_url=args.ledger)
     table = Table(title=f"Rotten Tomatoes sentiment (train {len(data.train)}, validation "
                         f"{len(data.validation)}, test {len(data.test)})")
-    for col in ("model", "validation acc", "test acc", "train s"):
+    for col in ("model", "validation acc", "test acc", "train s", "= Python path",
+                "max |dp|"):
         table.add_column(col)
     for r in results:
         table.add_row(r.name, f"{r.validation_accuracy:.4f}", f"{r.test_accuracy:.4f}",
-                      f"{r.train_s:.1f}")
+                      f"{r.train_s:.1f}",
+                      "-" if r.agreement is None else f"{r.agreement:.2%}",
+                      "-" if r.max_probability_diff is None else f"{r.max_probability_diff:.1e}")
     Console().print(table)
 
 

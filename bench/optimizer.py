@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from rich.console import Console
 
 from frugalserve.economics.ledger import sqlite_url
 from frugalserve.progress import new_progress
+from frugalserve.reports import format_usd
 from frugalserve.replay import naive_repository, request_bodies, serve_and_replay
 
 HERE = Path(__file__).resolve().parent
@@ -130,7 +132,8 @@ def rows(results: list[dict]) -> list[list[str]]:
             paths = ", ".join(f"{p} {n / d['ok']:.0%}" for p, n in
                               sorted(d["variants"].items(), key=lambda kv: -kv[1]))
             last = key == "plan"
-            out.append([r["workload"], key, f"{d['accuracy']:.4f}", f"{per_1m:.4f}",
+            out.append([r["workload"], key, f"{d['accuracy']:.4f}",
+                        format_usd(Decimal(per_1m)),
                         f"{d['p50_ms']:.2f}", f"{d['p99_ms']:.2f}", f"{d['rps']:,.0f}", paths,
                         f"{r['factor']:.1f}x (target {r['target']:g}x)" if last else "",
                         ("PASS" if r["passed"] else "FAIL") if last else ""])

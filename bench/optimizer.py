@@ -35,8 +35,8 @@ from rich.console import Console
 
 from frugalserve.economics.ledger import sqlite_url
 from frugalserve.progress import new_progress
-from frugalserve.reports import format_usd
 from frugalserve.replay import naive_repository, request_bodies, serve_and_replay
+from frugalserve.reports import format_usd
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "optimizer"

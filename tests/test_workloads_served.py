@@ -16,6 +16,7 @@ import pytest
 import support
 import yaml
 from rich.progress import Progress
+from test_fashion_cnn import _tiny_data
 from typer.testing import CliRunner
 
 from frugalserve.cli import app
@@ -23,7 +24,6 @@ from frugalserve.economics.training import open_ledger, training_runs_for
 from frugalserve.runtimes.onnx import OnnxRuntime
 from frugalserve.workloads import catalog, fashion_cnn, fashion_mnist, movielens
 from frugalserve.workloads import movielens_onnx as mo
-from frugalserve.workloads.fashion_mnist import FashionMNIST, Split
 
 QUIET = Progress(disable=True)
 IVF_PLAN = {"version": "1", "default_tier": "economy",
@@ -210,21 +210,6 @@ def test_unknown_users_get_no_item_rows_and_the_rest_of_the_batch_is_answered(re
 
 # -- training runs in the ledger -------------------------------------------------------------
 
-def _tiny_images(seed: int = 0) -> FashionMNIST:
-    """Images whose class is the brightness of one 7x7 block (as test_fashion_cnn)."""
-    rng = np.random.default_rng(seed)
-
-    def split(n: int) -> Split:
-        y = rng.integers(0, 10, n)
-        x = rng.random((n, 28, 28), dtype=np.float32) * 0.2
-        for i, label in enumerate(y):
-            row, col = divmod(int(label), 4)
-            x[i, 7 * row:7 * row + 7, 7 * col:7 * col + 7] += 0.8
-        return Split(x.reshape(n, 784), y.astype(np.int64))
-
-    return FashionMNIST(split(300), split(100), split(100))
-
-
 def _runs(url: str, model: str):
     engine = open_ledger(url)
     try:
@@ -243,7 +228,7 @@ def _assert_one_priced_run(url: str, model: str, run_id: int | None, cost) -> No
 
 
 def test_fashion_mnist_models_record_their_training(ledger_url, tmp_path):
-    built = fashion_mnist.build_repository(tmp_path / "models", _tiny_images(), QUIET,
+    built = fashion_mnist.build_repository(tmp_path / "models", _tiny_data(), QUIET,
                                            ledger_url=ledger_url)
     assert [m.name for m in built] == ["fmnist-logreg", "fmnist-mlp"]
     for m in built:
@@ -253,7 +238,7 @@ def test_fashion_mnist_models_record_their_training(ledger_url, tmp_path):
 
 @pytest.mark.skipif(not fashion_cnn.torch_available(), reason="torch is not installed")
 def test_the_cnn_records_its_training(ledger_url, tmp_path):
-    built = fashion_cnn.build(tmp_path / "models", _tiny_images(), QUIET, ledger_url=ledger_url,
+    built = fashion_cnn.build(tmp_path / "models", _tiny_data(), QUIET, ledger_url=ledger_url,
                               batch_size=32, threads=1, max_steps=5)
     _assert_one_priced_run(ledger_url, fashion_cnn.NAME, built.training_run_id,
                            built.training_cost_usd)

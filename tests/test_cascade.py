@@ -17,8 +17,8 @@ import onnx
 import pytest
 import support
 import yaml
+from ledger_support import rows as query
 from onnx import TensorProto, helper
-from sqlalchemy import create_engine, text
 
 from frugalserve.economics.keys import create_key
 from frugalserve.economics.ledger import open_engine
@@ -76,15 +76,6 @@ def rows_with_confidence(confidence: list[float]) -> np.ndarray:
     for i, c in enumerate(confidence):
         x[i] = (c, 1 - c) if i % 2 else (1 - c, c)
     return x
-
-
-def query(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

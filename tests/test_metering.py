@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import support
 from conftest import DIGITS_CONFIG
-from sqlalchemy import create_engine, text
+from ledger_support import rows as query
 
 # -- ledgers ----------------------------------------------------------------------------------
 
@@ -25,15 +25,6 @@ def metering_repo(tmp_path_factory, artifacts):
         "device": {"type": "nvidia-t4", "share": 1.0, "pricing": "spot"},
     })
     return repo
-
-
-def query(url: str, sql: str) -> list:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
 
 
 USAGE_COLUMNS = ("id, request_id, ts, model, version, tenant, batch_id, batch_size, items, "

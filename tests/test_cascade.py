@@ -202,6 +202,11 @@ BAD_PLANS = [
     (_with(tiers={"standard": {"stages": [{"variant": "cheap", "threshold": 0.5},
                                    {"variant": "cheap"}]}}), "appears twice"),
     (_with(speed="fast"), "unknown key(s) speed"),
+    (_with(tiers={"standard": {"stages": [{"variant": "cheap", "threshold": 0.5},
+                                          {"variant": "reference"}]},
+                  "odd": {"stages": [{"variant": "reference", "threshold": 0.5},
+                                     {"variant": "cheap"}]}}),
+     "cascades must agree on the order of their variants"),
     (_with(budget_downgrade={"spent_fraction": 0.8, "tier": "gold"}),
      "budget_downgrade.tier 'gold'"),
     ("tiers: {s: {stages: [{variant: cheap, threshold: 0.5}", "not valid YAML"),
@@ -251,7 +256,6 @@ def test_plan_parse_defaults_and_variants():
                                                        {"variant": "reference"}]}}})
     assert plan.default_tier == "only" and plan.version is None
     assert plan.variants == ["a", "reference"]
-    assert plan.stages("unknown-tier") == plan.tiers["only"]
 
 
 def test_a_tenant_past_the_plans_budget_share_gets_the_downgrade_tier(tmp_path, ledger_url):

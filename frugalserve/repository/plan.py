@@ -66,9 +66,6 @@ class Plan:
                 seen.setdefault(stage.variant)
         return list(seen)
 
-    def stages(self, tier: str | None) -> tuple[Stage, ...]:
-        return self.tiers.get(tier) or self.tiers[self.default_tier]
-
     @classmethod
     def parse(cls, raw: Any) -> Plan:
         if not isinstance(raw, dict):
@@ -79,6 +76,7 @@ class Plan:
         if not isinstance(tiers_raw, dict) or not tiers_raw:
             raise ValueError("tiers must be a non-empty mapping of tier name to {stages: [...]}")
         tiers = {str(name): _stages(body, str(name)) for name, body in tiers_raw.items()}
+        _check_order(tiers)
         default = str(raw.get("default_tier", next(iter(tiers))))
         if default not in tiers:
             raise ValueError(f"default_tier '{default}' is not one of the tiers "
@@ -143,6 +141,21 @@ def _stages(body: Any, tier: str) -> tuple[Stage, ...]:
             raise ValueError(f"{at}: variant '{variant}' appears twice in the cascade")
         stages.append(Stage(variant, threshold))
     return tuple(stages)
+
+
+def _check_order(tiers: dict[str, tuple[Stage, ...]]) -> None:
+    """Two variants must come in the same order in every tier that uses both: the server drains
+    earlier stages first at unload, so that their escalations still find the later ones open."""
+    before: dict[tuple[str, str], str] = {}
+    for tier, stages in tiers.items():
+        names = [s.variant for s in stages]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if (b, a) in before:
+                    raise ValueError(f"tiers.{tier} puts '{a}' before '{b}', tiers."
+                                     f"{before[(b, a)]} puts '{b}' before '{a}'; cascades "
+                                     "must agree on the order of their variants")
+                before.setdefault((a, b), tier)
 
 
 def load_plan(path: Path) -> Plan:

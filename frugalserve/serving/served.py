@@ -220,7 +220,8 @@ class ServedVersion:
                 done = self._advance(request, item, share, batch, offset, confidence, now)
                 if done is not None:
                     closed = closed or {}
-                    closed.setdefault(done[0], []).append(self._close(done[1], now, wall))
+                    closed.setdefault(done[0], []).append(
+                        self._close(done[1], now, wall, batch.rows))
                 offset += item.rows
                 continue
             future = item.future
@@ -324,7 +325,7 @@ class ServedVersion:
                 flow.future.set_exception(exc)
             flow.open_rows -= rows
 
-    def _close(self, flow: Flow, now: float, wall: float) -> tuple:
+    def _close(self, flow: Flow, now: float, wall: float, batch_rows: int = 0) -> tuple:
         """Answer (or account for) a flow whose rows are all done; its usage record."""
         request, future, stats = flow.request, flow.future, self.stats
         total_s = now - flow.arrival
@@ -337,7 +338,7 @@ class ServedVersion:
                 outs = {k: outs[k] for k in request.outputs}
             future.set_result(InferenceResponse(
                 self.model, self.version, outs, request.id, request.parameters, flow.cost,
-                total_s - flow.compute_s, flow.compute_s, flow.rows, _path(flow)))
+                total_s - flow.compute_s, flow.compute_s, batch_rows, _path(flow)))
             stats.ok += 1
             stats.queue.observe(total_s - flow.compute_s)
             stats.total.observe(total_s)

@@ -118,7 +118,8 @@ class ModelRepository:
         return LoadedModel(config.name, config, versions)
 
 
-def _open_runtime(folder: Path, config: ModelConfig, runtime: str | None) -> Runtime:
+def _open_runtime(folder: Path, config: ModelConfig, runtime: str | None,
+                  config_file: Path) -> Runtime:
     try:
         kind = runtime_for(folder, runtime)
         artifact = folder / kind.filename
@@ -128,26 +129,21 @@ def _open_runtime(folder: Path, config: ModelConfig, runtime: str | None) -> Run
     except ModelLoadError as exc:
         raise RepositoryError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - e.g. a bad runtime option in config.yaml
-        raise RepositoryError(f"{_config_file(folder)}: parameters "
+        raise RepositoryError(f"{config_file}: parameters "
                               f"{dict(config.parameters)} do not work for "
                               f"{folder / kind.filename}: {exc}") from exc
 
 
-def _config_file(folder: Path) -> Path:
-    while not folder.name.isdigit():  # a variant folder: <model>/<version>/variants/<name>
-        folder = folder.parent
-    return folder.parent / CONFIG_FILE
-
-
 def _load_version(vdir: Path, config: ModelConfig) -> LoadedVersion:
-    runtime = _open_runtime(vdir, config, config.runtime)
+    runtime = _open_runtime(vdir, config, config.runtime, vdir.parent / CONFIG_FILE)
     found_in, found_out = runtime.signature()
     try:
         inputs = _reconcile(config.inputs, found_in, "input")
         outputs = _reconcile(config.outputs, found_out, "output")
     except ValueError as exc:
         runtime.close()
-        raise RepositoryError(f"{_config_file(vdir)}: version {vdir.name}: {exc}") from exc
+        raise RepositoryError(f"{vdir.parent / CONFIG_FILE}: version {vdir.name}: {exc}") \
+            from exc
     return LoadedVersion(vdir.name, runtime, inputs, outputs)
 
 
@@ -171,7 +167,8 @@ def _load_variants(loaded: LoadedVersion, plan: Plan, vdir: Path, config: ModelC
             raise RepositoryError(f"{where}: variant '{variant}' has no folder {folder}")
         # a variant's own files say its runtime: a TF-IDF ONNX file may stand in front of a
         # tokenizer + encoder model, as long as both take and return the same tensors
-        runtime = loaded.variants[variant] = _open_runtime(folder, config, None)
+        runtime = loaded.variants[variant] = _open_runtime(folder, config, None,
+                                                           vdir.parent / CONFIG_FILE)
         found_in, found_out = runtime.signature()
         try:
             _reconcile(loaded.inputs, found_in, "input")

@@ -242,6 +242,14 @@ def test_binary_data_size_without_header(http, artifacts):
     assert_error(r, 400, "Inference-Header-Content-Length")
 
 
+def test_binary_shape_of_more_dimensions_than_numpy_holds(http):
+    # 100 dimensions of 1 hold the 4 bytes sent, but no array has that many axes: a 500 once
+    shape = [1] * 100
+    body, headers = _raw_binary({"inputs": [_bin_input(4, shape=shape)]}, b"\0" * 4)
+    assert_error(http.post("/v2/models/digits/infer", content=body, headers=headers), 400,
+                 "shape")
+
+
 # -- 404 --------------------------------------------------------------------------------------
 
 

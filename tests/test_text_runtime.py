@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import support
+import tritonclient.http as triton
 import yaml
 from onnx import TensorProto, helper
 from rich.progress import Progress
@@ -134,6 +135,28 @@ def test_a_model_that_does_not_take_tokens_is_refused(tmp_path, artifacts):
     shutil.copyfile(_tokenizer(), tmp_path / "tokenizer.json")
     with pytest.raises(ModelLoadError, match="are not token tensors"):
         TextRuntime(tmp_path / "model.onnx", {})
+
+
+def test_bytes_in_binary_and_json_reach_a_served_text_model_in_their_shape(tmp_path):
+    # tritonclient sends BYTES in binary unless told otherwise: the [n, 1] column must arrive
+    # as [n, 1] (it arrived flat, so every binary request to a text model was refused); bytes
+    # that are not UTF-8 read as U+FFFD, as the runtime reads them offline
+    path = _text_folder(tmp_path / "models" / "counter" / "1", _tokenizer())
+    texts = [b"a fine film", b"", "caf\u00e9 na\u00efve".encode(), b"\xff\xfe not utf-8"]
+    column = _column(texts)
+    expected = TextRuntime(path, {}).predict({"text": column})
+    settings = support.settings(tmp_path / "models", metering=False)
+    with support.LiveServer(settings) as live:
+        client = triton.InferenceServerClient(url=live.hostport, network_timeout=60.0)
+        try:
+            for binary, rows in ((True, len(texts)), (False, 3)):  # JSON strings are UTF-8
+                inp = triton.InferInput("text", [rows, 1], "BYTES")
+                inp.set_data_from_numpy(column[:rows], binary_data=binary)
+                result = client.infer("counter", [inp])
+                for name in ("count", "first"):
+                    np.testing.assert_array_equal(result.as_numpy(name), expected[name][:rows])
+        finally:
+            client.close()
 
 
 # -- the sentiment models, built small, served through the server ----------------------------

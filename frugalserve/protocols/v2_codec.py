@@ -154,11 +154,16 @@ def _binary_tensor(name: str, shape: list[int], datatype: str, dtype: np.dtype, 
     chunk = blob[offset:offset + size]
     count = math.prod(shape)
     if datatype == "BYTES":
-        return _unpack_bytes(chunk, count, name)
-    if size != count * dtype.itemsize:
+        flat = _unpack_bytes(chunk, count, name)
+    elif size != count * dtype.itemsize:
         raise BadInput(f"input '{name}': {size} bytes do not hold shape {shape} of "
                        f"{datatype} ({count * dtype.itemsize} bytes)")
-    return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+    else:
+        flat = np.frombuffer(chunk, dtype=dtype)
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:  # the element count fits; the rank is past numpy's limit
+        raise BadInput(f"input '{name}': shape {shape}: {exc}") from None
 
 
 def _flatten(data: Any) -> list:

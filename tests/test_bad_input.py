@@ -250,6 +250,15 @@ def test_binary_shape_of_more_dimensions_than_numpy_holds(http):
                  "shape")
 
 
+def test_bytes_data_nested_a_thousand_deep(http):
+    # BYTES data is flattened however deep the client nests it; recursion hit Python's limit
+    doc = '{"inputs": [{"name": "X", "shape": [1, 1], "datatype": "BYTES", "data": %s"a"%s}]}'
+    body = (doc % ("[" * 1000, "]" * 1000)).encode()
+    r = http.post("/v2/models/digits/infer", content=body,
+                  headers={"content-type": "application/json"})
+    assert_error(r, 400, "BYTES", "FP32")
+
+
 # -- 404 --------------------------------------------------------------------------------------
 
 

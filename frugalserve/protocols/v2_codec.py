@@ -167,11 +167,20 @@ def _binary_tensor(name: str, shape: list[int], datatype: str, dtype: np.dtype, 
 
 
 def _flatten(data: Any) -> list:
+    """The leaves of nested lists, in order. No recursion: the client picks the depth, and
+    a thousand brackets would pass Python's recursion limit."""
     if not isinstance(data, list):
         return [data]
     out: list = []
-    for v in data:
-        out.extend(_flatten(v) if isinstance(v, list) else (v,))
+    stack = [iter(data)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            out.append(v)
+        else:
+            stack.pop()
     return out
 
 

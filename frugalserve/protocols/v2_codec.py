@@ -115,7 +115,9 @@ def _decode_tensor(raw: Any, blob: memoryview | None, offset: int) -> tuple[str,
 _JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 _WHAT = {"b": "booleans", "iu": "whole numbers", "iuf": "numbers"}
 # A cast that overflows is answered with a 400 below; numpy's warning would only be log noise.
-warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+# Only this module's casts: a filter without `module` would silence the host program's too.
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning,
+                        module=__name__)
 
 
 def _typed(values: np.ndarray, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:

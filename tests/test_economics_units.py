@@ -202,6 +202,13 @@ def test_override_file_replaces_a_device_and_adds_one(tmp_path):
     ("devices:\n  x:\n    on_demand_usd_per_hour: '-1'\n    source: s\n    date: d\n",
      "negative"),
     ("devices: {x: [unclosed\n", "YAML"),
+    # watts and peak_flops are checked as strictly as prices, naming the file and the device
+    ("devices:\n  x:\n    on_demand_usd_per_hour: '1'\n    source: s\n    date: d\n"
+     "    watts: lots\n", "device 'x'.watts: 'lots' is not a number of watts"),
+    ("devices:\n  x:\n    on_demand_usd_per_hour: '1'\n    source: s\n    date: d\n"
+     "    watts: -70\n", "watts cannot be negative"),
+    ("devices:\n  x:\n    on_demand_usd_per_hour: '1'\n    source: s\n    date: d\n"
+     "    peak_flops: .inf\n", "peak_flops must be a finite number"),
 ])
 def test_bad_override_file_names_the_file_and_the_problem(tmp_path, text, expect):
     override = tmp_path / "bad-rates.yaml"
@@ -210,6 +217,13 @@ def test_bad_override_file_names_the_file_and_the_problem(tmp_path, text, expect
         RateCard.load(override)
     assert str(override) in str(info.value)
     assert expect in str(info.value)
+
+
+def test_override_file_that_is_not_text_names_the_file(tmp_path):
+    binary = tmp_path / "rates.yaml"
+    binary.write_bytes(b"\xff\xfe\x00devices")
+    with pytest.raises(RateCardError, match="rates.yaml: not a text file"):
+        RateCard.load(binary)
 
 
 def test_missing_override_file_names_the_file(tmp_path):

@@ -7,6 +7,7 @@ their peak dense tensor FLOP/s, which the training estimator needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
@@ -88,15 +89,15 @@ class DevicePrice:
         raise RateCardError(f"unknown pricing basis {pricing!r}; use one of {PRICING_BASES}")
 
 
-def _money(value: object, where: str) -> Decimal:
+def _money(value: object, where: str, what: str = "a price") -> Decimal:
     try:
         amount = Decimal(str(value))
     except InvalidOperation as exc:
-        raise RateCardError(f"{where}: {value!r} is not a price") from exc
+        raise RateCardError(f"{where}: {value!r} is not {what}") from exc
     if not amount.is_finite():
-        raise RateCardError(f"{where}: {value!r} is not a price")
+        raise RateCardError(f"{where}: {value!r} is not {what}")
     if amount < 0:
-        raise RateCardError(f"{where}: a price cannot be negative")
+        raise RateCardError(f"{where}: {what} cannot be negative")
     return amount
 
 
@@ -113,8 +114,8 @@ def _flops(value: object, where: str) -> float:
         flops = float(str(value))
     except ValueError:
         raise RateCardError(f"{where}: peak_flops {value!r} is not a number") from None
-    if not flops > 0:
-        raise RateCardError(f"{where}: peak_flops must be greater than zero")
+    if not 0 < flops < math.inf:
+        raise RateCardError(f"{where}: peak_flops must be a finite number greater than zero")
     return flops
 
 
@@ -172,7 +173,7 @@ def _parse_device(key: str, raw: object, origin: str,
     on_demand = raw.get("on_demand_usd_per_hour")
     spot = raw.get("spot_usd_per_hour")
     peak = raw.get("peak_flops")
-    watts = float(raw.get("watts", 0))
+    watts = float(_money(raw.get("watts", 0), f"{where}.watts", "a number of watts"))
     on_prem = raw.get("on_prem")
     return DevicePrice(
         key=key,
@@ -257,6 +258,8 @@ class RateCard:
                 text = Path(override).read_text()
             except OSError as exc:
                 raise RateCardError(f"{override}: cannot read: {exc.strerror}") from exc
+            except UnicodeDecodeError as exc:
+                raise RateCardError(f"{override}: not a text file ({exc.reason})") from exc
             files.append(_read(text, str(override)))
         return cls(_price(files))
 

@@ -1,4 +1,5 @@
-"""Unit tests for cost attribution (economics.meter) and the rate card (economics.ratecard)."""
+"""Unit tests for cost attribution (economics.meter), the rate card (economics.ratecard) and
+budgets files (economics.budgets)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fractions import Fraction
 
 import pytest
 
+from frugalserve.economics.budgets import Budget, load_budgets_file, usd_to_pico
 from frugalserve.economics.meter import (
     PICO_PER_USD,
     Meter,
@@ -238,3 +240,68 @@ def test_device_without_spot_price_says_so(tmp_path):
                         "    source: s\n    date: d\n")
     with pytest.raises(RateCardError, match="spot"):
         RateCard.load(override).device("box").usd_per_hour("spot")
+
+
+# -- budgets files --------------------------------------------------------------------------------
+
+
+def test_budgets_file_in_both_shapes(tmp_path):
+    path = tmp_path / "budgets.yaml"
+    path.write_text("- {scope: tenant, target: 42, period: day, amount_usd: '2.5',\n"
+                    "   thresholds: ['50:alert', {percent: 90, action: downgrade}],\n"
+                    "   fallback_model: small}\n"
+                    "- amount_usd: 0.000001\n")
+    first, second = load_budgets_file(path)
+    assert first.target == "42" and first.amount_pusd == 2_500_000_000_000
+    assert [(t.percent, t.action) for t in first.thresholds] == [(50, "alert"),
+                                                                  (90, "downgrade")]
+    assert second.scope == "global" and second.period == "month" and second.id == -2
+    assert second.amount_pusd == 10**6
+    path.write_text("budgets:\n  - {amount_usd: 1}\n")
+    assert [b.amount_pusd for b in load_budgets_file(path)] == [PICO_PER_USD]
+    path.write_text("")
+    assert load_budgets_file(path) == []
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("budgets: [unclosed\n", "not valid YAML"),
+    ("42\n", "expected a list of budgets"),
+    ("budgets: 5\n", "expected a list of budgets"),
+    ("amount_usd: 5\n", "expected a list of budgets"),  # one budget, not a list: not ignored
+    ("- hello\n", "budget #1: expected a mapping"),
+    ("- {scope: tenant, target: acme}\n", "budget #1: lacks amount_usd"),
+    ("- {amount_usd: 5, scpoe: tenant}\n", "budget #1: unknown key(s) scpoe"),
+    ("- {amount_usd: 5}\n- {amount_usd: lots}\n", "budget #2: amount 'lots' is not a number"),
+    ("- {amount_usd: '1e400'}\n", "more than the ledger holds"),
+    ("- {amount_usd: 5, thresholds: '80:alert'}\n", "thresholds must be a list"),
+    ("- {amount_usd: 5, thresholds: [80]}\n", "threshold 80: expected 'PERCENT:ACTION'"),
+    ("- {amount_usd: 5, thresholds: [{percent: x, action: alert}]}\n", "percent must be"),
+    ("- {amount_usd: 5, scope: tenant, target: [a]}\n", "target must be a name"),
+    ("- {amount_usd: 5, scope: planet}\n", "scope 'planet'"),
+])
+def test_bad_budgets_file_is_a_value_error_naming_file_and_budget(tmp_path, text, expect):
+    path = tmp_path / "budgets.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_budgets_file(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert expect in str(info.value)
+
+
+def test_unreadable_budgets_file_is_a_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="nope.yaml: cannot read"):
+        load_budgets_file(tmp_path / "nope.yaml")
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="b.yaml: not a text file"):
+        load_budgets_file(binary)
+
+
+def test_budget_amounts_and_names_must_fit_the_ledger():
+    assert usd_to_pico("$0.5") == PICO_PER_USD // 2
+    with pytest.raises(ValueError, match="more than the ledger holds"):
+        usd_to_pico("1e27")
+    with pytest.raises(ValueError, match="256"):
+        Budget("tenant", "t" * 257, "month", 1)
+    with pytest.raises(ValueError, match="128"):
+        Budget("model", "m", "month", 1, fallback_model="f" * 129)

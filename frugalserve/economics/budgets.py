@@ -35,7 +35,7 @@ from sqlalchemy import (
     select,
 )
 
-from .ledger import PicoAmount, metadata, usage
+from .ledger import PICO_MAX, PicoAmount, metadata, usage
 from .meter import PICO_PER_USD
 
 SCOPES = ("global", "tenant", "model")
@@ -107,6 +107,10 @@ class Budget:
             raise ValueError("a global budget has no target")
         if self.scope != "global" and not self.target:
             raise ValueError(f"a {self.scope} budget needs a target ({self.scope} name)")
+        if len(self.target) > 256:  # the ledger's column widths
+            raise ValueError("a budget's target is at most 256 characters")
+        if self.fallback_model is not None and len(self.fallback_model) > 128:
+            raise ValueError("a fallback model name is at most 128 characters")
         if self.amount_pusd < 0:
             raise ValueError("a budget's amount cannot be negative")
         if not self.thresholds:
@@ -130,6 +134,9 @@ def usd_to_pico(amount: str | float | Decimal) -> int:
         raise ValueError(f"amount {amount!r} is not a number of dollars") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"amount {amount!r} must be a finite, non-negative number of dollars")
+    if value * PICO_PER_USD > PICO_MAX:
+        raise ValueError(f"amount {amount!r} is more than the ledger holds "
+                         f"(${PICO_MAX // PICO_PER_USD:.3g})")
     return int(value * PICO_PER_USD)
 
 
@@ -189,27 +196,81 @@ def _budget(row) -> Budget:
                   row.fallback_model, int(row.id), row.created_at)
 
 
+_FILE_KEYS = ("scope", "target", "period", "amount_usd", "thresholds", "fallback_model")
+
+
 def load_budgets_file(path: Path) -> list[Budget]:
-    """budgets.yaml: a list of {scope, target, period, amount_usd, thresholds: ['80:alert',
-    ...], fallback_model}. File budgets have negative ids (they are not in the table)."""
+    """budgets.yaml: a list (or a `budgets:` key holding one) of {scope, target, period,
+    amount_usd, thresholds: ['80:alert', ...], fallback_model}. File budgets have negative ids
+    (they are not in the table). Anything wrong in the file is a ValueError naming it."""
     import yaml
 
-    doc = yaml.safe_load(Path(path).read_text()) or []
-    if isinstance(doc, dict):
-        doc = doc.get("budgets", [])
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file ({exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(doc, dict) and list(doc) == ["budgets"]:
+        doc = doc["budgets"]
+    if doc is None:
+        return []
+    if not isinstance(doc, list):
+        raise ValueError(f"{path}: expected a list of budgets, or a 'budgets:' key holding one")
     out = []
     for i, entry in enumerate(doc, start=1):
         try:
-            raw = entry.get("thresholds")
-            thresholds = (DEFAULT_THRESHOLDS if not raw else
-                          tuple(Threshold.parse(t) if isinstance(t, str)
-                                else Threshold(float(t["percent"]), t["action"]) for t in raw))
-            out.append(Budget(entry.get("scope", "global"), str(entry.get("target") or ""),
-                              entry.get("period", "month"), usd_to_pico(entry["amount_usd"]),
-                              thresholds, entry.get("fallback_model"), -i))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            out.append(_file_budget(entry, -i))
+        except ValueError as exc:
             raise ValueError(f"{path}: budget #{i}: {exc}") from None
     return out
+
+
+def _file_budget(entry: object, budget_id: int) -> Budget:
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected a mapping with amount_usd and any of "
+                         f"{', '.join(k for k in _FILE_KEYS if k != 'amount_usd')}, "
+                         f"got {entry!r}")
+    unknown = sorted(str(k) for k in set(entry) - set(_FILE_KEYS))
+    if unknown:  # a misspelt scope would make a tenant's budget global
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(_FILE_KEYS)}")
+    if "amount_usd" not in entry:
+        raise ValueError("lacks amount_usd")
+    raw = entry.get("thresholds")
+    if not raw:
+        thresholds = DEFAULT_THRESHOLDS
+    elif isinstance(raw, list):
+        thresholds = tuple(_file_threshold(t) for t in raw)
+    else:
+        raise ValueError(f"thresholds must be a list, e.g. ['80:alert', '100:reject'], "
+                         f"got {raw!r}")
+    return Budget(_text(entry, "scope", "global"), _text(entry, "target", "") or "",
+                  _text(entry, "period", "month"), usd_to_pico(entry["amount_usd"]),
+                  thresholds, _text(entry, "fallback_model", None), budget_id)
+
+
+def _text(entry: dict, key: str, default: str | None) -> str | None:
+    value = entry.get(key, default)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # a tenant named 42
+        return str(value)
+    raise ValueError(f"{key} must be a name, got {value!r}")
+
+
+def _file_threshold(raw: object) -> Threshold:
+    if isinstance(raw, str):
+        return Threshold.parse(raw)
+    if isinstance(raw, dict) and set(raw) == {"percent", "action"}:
+        try:
+            percent = float(raw["percent"])
+        except (TypeError, ValueError):
+            raise ValueError(f"threshold {raw!r}: percent must be a number") from None
+        return Threshold(percent, str(raw["action"]))
+    raise ValueError(f"threshold {raw!r}: expected 'PERCENT:ACTION' (e.g. '80:alert') or "
+                     "{percent: 80, action: alert}")
 
 
 def spent_since(engine: Engine, budget: Budget, start: float) -> int:

@@ -209,6 +209,9 @@ batch_size_rollup = Table(
 ROLLUPS = (usage_rollup, usage_rollup_hourly, batch_rollup, batch_size_rollup)
 
 
+PICO_MAX = 10**38 - 1  # the most pico-dollars a PicoAmount holds ($1e26)
+
+
 class PicoAmount(TypeDecorator):
     """Integer pico-dollars of any size. BIGINT stops at 9.2e18 pico-dollars ($9.2 million),
     less than one large training run costs (Llama 2 70B on demand: $8.7 million; a 400B model:

@@ -112,7 +112,7 @@ class V2Handler:
 
     async def _infer(self, model: str, version: str | None, headers: Headers,
                      body: bytes) -> Response:
-        # the key is checked before the body is read: a wrong key costs nothing
+        # the key is checked before the body is decoded: a wrong key costs no parsing
         tenant, tier = self.dataplane.authenticate(headers.get(b"authorization"),
                                                    headers.get(b"x-tenant"))
         header_length = headers.get(b"inference-header-content-length")

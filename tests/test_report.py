@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from frugalserve.cli import app
 from frugalserve.economics import report as spend
+from frugalserve.economics.budgets import Budget, set_budget
 from frugalserve.economics.ledger import LedgerWriter, open_engine
 from frugalserve.economics.training import TrainingRun, record_run
 
@@ -48,14 +49,8 @@ def _ledger(url: str, budgets: bool = False):
     record_run(engine, TrainingRun(model="m", version="1", device="aws-c7i.large",
                                    pricing="on_demand", started_at=T - 86400, wall_s=60.0,
                                    energy_kwh=0.001, cost_pusd=10**6, source="imported"))
-    if budgets:  # the budgets table (economics.budgets): 1,000 pico-dollars for acme
-        from frugalserve.economics.budgets import budgets as table
-
-        table.create(engine, checkfirst=True)
-        with engine.begin() as conn:
-            conn.execute(table.insert().values(scope="tenant", target="acme", period="total",
-                                               amount_pusd=1000, thresholds=[],
-                                               created_at=T - 10))
+    if budgets:  # as `frugalserve budgets set` makes it: 1,000 pico-dollars for acme
+        set_budget(engine, Budget("tenant", "acme", "total", 1000))
     return engine
 
 
@@ -92,6 +87,8 @@ def test_report_numbers(ledger_url):
     (budget,) = r.budgets
     assert budget["spent_usd"] == spend.usd(400)
     assert budget["runway_days"] == pytest.approx(600 / (400 / 7))
+    # a total budget counts all spend, as serving enforces it (budgets.period_bounds)
+    assert budget["period_start"] == "1970-01-01T00:00:00+00:00"
     # by day: one day holds it all; series carries training and inference
     by_day = spend.build_report(engine, NOW - 30 * 86400, NOW, by="day")
     assert sum(row["cost_pusd"] for row in by_day.rows) == 920
@@ -111,6 +108,14 @@ def test_no_budgets_table_and_a_training_run_without_savings(tmp_path):
     assert r.training[0]["break_even"].startswith("n/a")
     assert r.totals["training_share"] == 1.0
     assert r.rows == []
+
+
+def test_a_budget_row_edited_into_nonsense_is_reported_not_raised(tmp_path):
+    engine = _ledger(f"sqlite:///{tmp_path / 'l.db'}", budgets=True)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE budgets SET thresholds = '[]'"))
+    (budget,) = spend.build_report(engine, NOW - 30 * 86400, NOW).budgets
+    assert "at least one threshold" in budget["error"]
 
 
 def test_formats_and_chart(tmp_path):

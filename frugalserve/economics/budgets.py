@@ -26,6 +26,7 @@ from sqlalchemy import (
     Engine,
     Float,
     Integer,
+    Select,
     String,
     Table,
     UniqueConstraint,
@@ -35,7 +36,7 @@ from sqlalchemy import (
     select,
 )
 
-from .ledger import PICO_MAX, PicoAmount, metadata, usage
+from .ledger import PICO_MAX, PicoAmount, metadata, usage_rollup
 from .meter import PICO_PER_USD
 
 SCOPES = ("global", "tenant", "model")
@@ -187,10 +188,11 @@ def delete_budget(engine: Engine, budget_id: int) -> bool:
 
 def list_budgets(engine: Engine) -> list[Budget]:
     with engine.connect() as conn:
-        return [_budget(row) for row in conn.execute(select(budgets).order_by(budgets.c.id))]
+        return [budget_from_row(row)
+                for row in conn.execute(select(budgets).order_by(budgets.c.id))]
 
 
-def _budget(row) -> Budget:
+def budget_from_row(row) -> Budget:
     return Budget(row.scope, row.target, row.period, int(row.amount_pusd),
                   tuple(Threshold(float(p), a) for p, a in row.thresholds),
                   row.fallback_model, int(row.id), row.created_at)
@@ -275,18 +277,18 @@ def _file_threshold(raw: object) -> Threshold:
 
 def spent_since(engine: Engine, budget: Budget, start: float) -> int:
     """What the ledger says was spent in the budget's scope since `start` (pico-dollars, by
-    request arrival). Read from the per-minute rollups where the ledger has them (raw rows
-    expire; periods start on a minute, so the two agree exactly), else the `usage` view."""
-    rollup = metadata.tables.get("usage_rollup")
-    if rollup is not None:
-        source, ts = rollup, rollup.c.minute
-    else:
-        source, ts = usage, usage.c.ts
-    query = select(func.sum(source.c.cost_pusd)).where(ts >= start)
-    if budget.scope == "tenant":
-        query = query.where(source.c.tenant == budget.target)
-    elif budget.scope == "model":
-        query = query.where(source.c.model == budget.target)
+    request arrival), from the per-minute rollups (raw rows expire; periods start on a minute,
+    so the two agree exactly)."""
     with engine.connect() as conn:
-        total = conn.execute(query).scalar()
-    return int(total or 0)
+        return int(conn.execute(spent_query(budget.scope, budget.target, start)).scalar() or 0)
+
+
+def spent_query(scope: str, target: str, start: float) -> Select:
+    """SELECT the spend of a scope ('global', 'tenant', 'model') since `start`."""
+    r = usage_rollup.c
+    query = select(func.sum(r.cost_pusd)).where(r.minute >= start)
+    if scope == "tenant":
+        query = query.where(r.tenant == target)
+    elif scope == "model":
+        query = query.where(r.model == target)
+    return query

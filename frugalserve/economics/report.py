@@ -23,7 +23,7 @@ What the numbers mean:
 - break-even of a training run: if its model version (else its model) has a measured saving
   per prediction, predictions needed = run cost / saving per prediction, and the date at which
   the version's prediction rate in the window reaches it; otherwise n/a.
-- budgets: read from a `budgets` table when one exists (see `budget_rows`).
+- budgets: each budget's spend this period, burn rate and runway (see `budget_rows`).
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy import Engine, func, inspect, select
 
+from .budgets import budget_from_row, period_bounds, spent_query
+from .budgets import budgets as budgets_table
 from .ledger import (
     batch_rollup,
     batch_size_rollup,
@@ -523,63 +525,29 @@ def _focus(cells, runs, since, until, bucket) -> list[dict]:
     return rows
 
 
-# -- budgets (a table another part of economics owns; read defensively) -----------------------
-
-_PERIOD_S = {"day": 86400, "week": 7 * 86400}
-
-
-def _period_start(period: str, now: float, created: float | None) -> float | None:
-    d = datetime.fromtimestamp(now, UTC)
-    if period == "day":
-        return d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-    if period == "week":
-        start = d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        return start - d.weekday() * 86400
-    if period == "month":
-        return d.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-    return created if created is not None else 0.0  # total
-
+# -- budgets ------------------------------------------------------------------------------------
 
 def budget_rows(conn, now: float) -> list[dict]:
-    """Burn rate and runway of each row of a `budgets` table: spent this period (from the
-    rollups, matching its scope), burn = spend over the last 7 days per day, runway = what is
-    left / burn. Column names are read loosely (scope, scope_value/tenant/model, period,
-    amount_usd or amount_pusd); a row that cannot be read is reported with its error."""
-    rows = [dict(r) for r in conn.execute(text("SELECT * FROM budgets")).mappings()]
+    """Burn rate and runway of each budget in the ledger: spent this period (from the rollups,
+    the period and scope as serving enforces them), burn = spend over the last 7 days per day,
+    runway = what is left / burn. A row that is not a valid budget is reported with its error."""
     out = []
-    u = usage_rollup.c
-    for b in rows:
+    for row in conn.execute(select(budgets_table).order_by(budgets_table.c.id)):
         try:
-            scope = str(b.get("scope") or "global")
-            value = b.get("scope_value") or b.get("target") or b.get("name_value")
-            if value is None and scope in ("tenant", "model"):
-                value = b.get(scope)
-            period = str(b.get("period") or "month")
-            if b.get("amount_pusd") is not None:
-                amount = int(b["amount_pusd"])
-            elif b.get("amount_micro_usd") is not None:
-                amount = int(b["amount_micro_usd"]) * 10**6
-            else:
-                amount = int(Decimal(str(b.get("amount_usd", b.get("amount")))) * PICO_PER_USD)
-            start = _period_start(period, now, b.get("created_at"))
-
-            def spent_since(t: float, scope=scope, value=value) -> int:
-                q = select(func.sum(u.cost_pusd)).where(u.minute >= int(t) - int(t) % 60)
-                if scope in ("tenant", "model") and value is not None:
-                    q = q.where(getattr(u, scope) == value)
-                return int(conn.execute(q).scalar() or 0)
-
-            spent = spent_since(start)
-            week = spent_since(now - 7 * 86400)
-            burn = week / 7  # pico-dollars per day
-            left = amount - spent
-            out.append({
-                "id": b.get("id"), "name": b.get("name"), "scope": scope, "scope_value": value,
-                "period": period, "amount_usd": usd(amount), "spent_usd": usd(spent),
-                "left_usd": usd(max(left, 0)), "burn_usd_per_day": usd(burn),
-                "runway_days": (left / burn if burn > 0 else None) if left > 0 else 0.0,
-                "period_start": _iso(start),
-            })
-        except Exception as exc:  # noqa: BLE001 - a budget schema we do not know: say so
-            out.append({"id": b.get("id"), "error": f"unreadable budget row: {exc}"})
+            b = budget_from_row(row)
+        except (TypeError, ValueError) as exc:  # edited by hand: say so, report the rest
+            out.append({"id": row.id, "error": f"unreadable budget row: {exc}"})
+            continue
+        start, _end = period_bounds(b.period, now)
+        spent, week = (int(conn.execute(spent_query(b.scope, b.target, t)).scalar() or 0)
+                       for t in (start, now - 7 * 86400))
+        burn = week / 7  # pico-dollars per day
+        left = b.amount_pusd - spent
+        out.append({
+            "id": b.id, "scope": b.scope, "scope_value": b.target or None, "period": b.period,
+            "amount_usd": usd(b.amount_pusd), "spent_usd": usd(spent),
+            "left_usd": usd(max(left, 0)), "burn_usd_per_day": usd(burn),
+            "runway_days": (left / burn if burn > 0 else None) if left > 0 else 0.0,
+            "period_start": _iso(start),
+        })
     return out

@@ -26,7 +26,8 @@ import numpy as np
 import onnxruntime as ort
 from rich.progress import Progress
 
-from .fashion_mnist import PIXELS, FashionMNIST, Split, accuracy
+from .data import accuracy
+from .fashion_mnist import PIXELS, FashionMNIST, Split
 from .onnx_export import INPUT_NAME, OPSET, predict_labels, write_model
 from .tracking import cost_usd, tracked
 

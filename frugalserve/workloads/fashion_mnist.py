@@ -22,6 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
+from .data import DatasetMissing, accuracy
 from .onnx_export import export_classifier, predict_labels
 from .tracking import cost_usd, tracked
 
@@ -31,10 +32,6 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 PIXELS = 28 * 28
 VALIDATION = 5_000
 _IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
-
-
-class DatasetMissing(FileNotFoundError):
-    """The IDX files are not installed; the message says how to install them."""
 
 
 @dataclass(frozen=True)
@@ -122,10 +119,6 @@ def train_mlp(data: FashionMNIST, progress: Progress, epochs: int = 15, patience
     progress.update(task, completed=epochs, description=f"train fmnist-mlp (kept epoch "
                     f"{best_epoch} of {epoch}, val acc {best_acc:.3f})")
     return best
-
-
-def accuracy(predicted: np.ndarray, split: Split) -> float:
-    return float((np.asarray(predicted).reshape(-1) == split.y).mean())
 
 
 # -- the repository the demo serves ----------------------------------------------------------

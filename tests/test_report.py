@@ -110,6 +110,22 @@ def test_no_budgets_table_and_a_training_run_without_savings(tmp_path):
     assert r.rows == []
 
 
+def test_money_sums_are_exact_past_float_precision(tmp_path):
+    """A day of one model on one device past $9,007 (2^53 pico-dollars) is beyond a float's
+    integers: the batching saving must still be exact to the pico-dollar."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    writer = LedgerWriter(engine, flush_interval_s=3600)
+    big = 2**53 + 1
+    write_batch(writer, T, "m", "1", [("acme", 1, big, 200)], 10.0)
+    write_batch(writer, T + 1, "m", "1", [("acme", 1, big - 2, 200)] * 2, 10.0)
+    writer.close()
+    r = spend.build_report(engine, NOW - 30 * 86400, NOW)
+    (saved,) = r.savings["by_version"]
+    assert saved["counterfactual_pusd"] == 3 * big
+    assert saved["batching_saving_pusd"] == 4 and r.savings["total_pusd"] == 4
+    assert r.spend["model"][0]["batching_saving_usd"] == spend.usd(4)
+
+
 def test_a_budget_row_edited_into_nonsense_is_reported_not_raised(tmp_path):
     engine = _ledger(f"sqlite:///{tmp_path / 'l.db'}", budgets=True)
     with engine.begin() as conn:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -322,21 +321,21 @@ def _economics(cells, busy, ups, since, until) -> list[dict]:
         start = start if start is not None else since
         up_s = max(0.0, min(stop, until) - max(start, since))
         up_s = max(up_s, busy_s)  # never less than it was busy (clock skew, coarse stamps)
-        rate = b["cost_pusd"] / busy_s if busy_s else 0.0  # pico-dollars per busy second
         a = acc.setdefault((model, version, variant), {
-            "busy_s": 0.0, "provisioned_s": 0.0, "busy_pusd": 0, "provisioned_pusd": 0.0,
+            "busy_s": 0.0, "provisioned_s": 0.0, "busy_pusd": 0, "provisioned_pusd": 0,
             "batches": 0, "rows": 0, "devices": set()})
         a["busy_s"] += busy_s
         a["provisioned_s"] += up_s
         a["busy_pusd"] += b["cost_pusd"]
-        a["provisioned_pusd"] += rate * up_s
+        # the replica's price per busy second (P x share) over its uptime, rounded once
+        a["provisioned_pusd"] += round(b["cost_pusd"] * up_s / busy_s) if busy_s else 0
         a["batches"] += b["batches"]
         a["rows"] += b["rows"]
         a["devices"].add(f"{device} x{b['share']:g}")
     out = []
     for key, a in sorted(acc.items()):
         n = ok.get(key, 0)
-        prov = round(a["provisioned_pusd"])
+        prov = a["provisioned_pusd"]
         out.append({
             "model": key[0], "version": key[1], "variant": key[2],
             "devices": sorted(a["devices"]), "ok": n, "batches": a["batches"],
@@ -354,21 +353,21 @@ def _economics(cells, busy, ups, since, until) -> list[dict]:
 
 def _savings(sizes, cells) -> dict[str, Any]:
     per_version = []
-    total = 0.0
+    total = 0
     for (model, version, variant, device, pricing), hist in sorted(sizes.items()):
         smallest = min(hist)
-        n1, rows1, cost1 = hist[smallest]
-        per_row = cost1 / rows1 if rows1 else 0.0
+        n1, rows1, cost1 = hist[smallest]  # a batch has at least one row: rows1 > 0
         rows = sum(h[1] for h in hist.values())
         actual = sum(h[2] for h in hist.values())
-        saving = per_row * rows - actual
+        counterfactual = (2 * cost1 * rows + rows1) // (2 * rows1)  # cost1/rows1 x rows, rounded
+        saving = counterfactual - actual
         total += saving
         per_version.append({
             "model": model, "version": version, "variant": variant, "device": device,
             "pricing": pricing, "reference_batch_size": smallest,
-            "reference_batches": n1, "batch1_per_row_pusd": per_row, "rows": rows,
-            "actual_pusd": actual, "counterfactual_pusd": round(per_row * rows),
-            "batching_saving_pusd": round(saving), "batching_saving_usd": usd(saving),
+            "reference_batches": n1, "batch1_per_row_pusd": cost1 / rows1, "rows": rows,
+            "actual_pusd": actual, "counterfactual_pusd": counterfactual,
+            "batching_saving_pusd": saving, "batching_saving_usd": usd(saving),
             "saving_per_prediction_pusd": saving / rows if rows else None,
             "exact_reference": smallest == 1,
         })
@@ -377,9 +376,9 @@ def _savings(sizes, cells) -> dict[str, Any]:
                   "= cost/rows of the smallest batches observed in the window (whole UTC days); "
                   "saving = that x rows served - actual cost. Cache, cascade, quantization: not "
                   "in the serving path yet (null).",
-        "levers": {"batching_pusd": round(total), "batching_usd": usd(total),
+        "levers": {"batching_pusd": total, "batching_usd": usd(total),
                    "cache_pusd": None, "cascade_pusd": None, "quantization_pusd": None},
-        "total_pusd": round(total), "total_usd": usd(total),
+        "total_pusd": total, "total_usd": usd(total),
         "by_version": per_version,
     }
 
@@ -388,7 +387,7 @@ def _attach_economics(spend, economics, savings) -> None:
     """Amortized cost and utilization on the model/version/variant breakdowns."""
     for by in ("model", "version", "variant"):
         names = _KEY_NAMES[by]
-        agg: dict[tuple, list] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+        agg: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0.0, 0])  # pico, s, s, pico
         for e in economics:
             a = agg[tuple(e[n] for n in names)]
             a[0] += e["provisioned_pusd"]
@@ -397,8 +396,7 @@ def _attach_economics(spend, economics, savings) -> None:
         for s in savings["by_version"]:
             agg[tuple(s[n] for n in names)][3] += s["batching_saving_pusd"]
         for row in spend[by]:
-            prov, busy_s, up_s, saved = agg.get(tuple(row[n] for n in names),
-                                                (0.0, 0.0, 0.0, 0.0))
+            prov, busy_s, up_s, saved = agg.get(tuple(row[n] for n in names), (0, 0.0, 0.0, 0))
             row["provisioned_usd"] = usd(prov)
             row["per_1k_amortized_usd"] = _per_1k(prov, row["ok"])
             row["utilization"] = busy_s / up_s if up_s else None
@@ -406,7 +404,7 @@ def _attach_economics(spend, economics, savings) -> None:
 
 
 def _break_even(runs, savings, cells, since, until) -> list[dict]:
-    per_pred: dict[tuple, list] = defaultdict(lambda: [0.0, 0])  # saving, rows
+    per_pred: dict[tuple, list] = defaultdict(lambda: [0, 0])  # saving (pico-dollars), rows
     for s in savings["by_version"]:
         for key in ((s["model"], s["version"]), (s["model"], None)):
             per_pred[key][0] += s["batching_saving_pusd"]
@@ -425,12 +423,11 @@ def _break_even(runs, savings, cells, since, until) -> list[dict]:
                "predictions_needed": None, "break_even_at": None, "break_even": "n/a"}
         key = (r["model"], r["version"]) if per_pred.get((r["model"], r["version"]), [0, 0])[1] \
             else (r["model"], None)
-        saved, rows = per_pred.get(key, (0.0, 0))
+        saved, rows = per_pred.get(key, (0, 0))
         if rows and saved > 0:
-            each = saved / rows
-            needed = math.ceil(cost / each) if cost else 0
+            needed = -(-cost * rows // saved)  # cost / (saved / rows), rounded up, exactly
             per_s = rate.get(key, 0) / span
-            row.update(saving_per_prediction_pusd=each, predictions_needed=needed,
+            row.update(saving_per_prediction_pusd=saved / rows, predictions_needed=needed,
                        predictions_per_day=per_s * 86400)
             if per_s > 0:
                 # predictions since the run ended are not tracked separately: from now on

@@ -126,6 +126,22 @@ def test_money_sums_are_exact_past_float_precision(tmp_path):
     assert r.spend["model"][0]["batching_saving_usd"] == spend.usd(4)
 
 
+def test_a_break_even_past_the_year_9999_is_said_not_raised(tmp_path):
+    """$1M of training that saves 33 pico-dollars a prediction at 16 predictions a month: the
+    date does not fit a datetime (this raised OverflowError in the report and the CLI)."""
+    engine = _ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    record_run(engine, TrainingRun(model="m", version="1", device="nvidia-h100-80gb",
+                                   pricing="on_demand", started_at=T, wall_s=3600.0,
+                                   energy_kwh=1.0, cost_pusd=10**18, source="imported"))
+    r = spend.build_report(engine, NOW - 30 * 86400, NOW)
+    big = next(run for run in r.training if run["cost_pusd"] == 10**18)
+    assert big["predictions_needed"] == 3 * 10**16
+    assert big["break_even_at"] is None
+    assert big["break_even"] == "not before the year 10000 at the current rate"
+    result = CliRunner().invoke(app, ["report", "--ledger", f"sqlite:///{tmp_path / 'l.db'}"])
+    assert result.exit_code == 0, result.output
+
+
 def test_a_budget_row_edited_into_nonsense_is_reported_not_raised(tmp_path):
     engine = _ledger(f"sqlite:///{tmp_path / 'l.db'}", budgets=True)
     with engine.begin() as conn:

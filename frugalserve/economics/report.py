@@ -431,9 +431,12 @@ def _break_even(runs, savings, cells, since, until) -> list[dict]:
                        predictions_per_day=per_s * 86400)
             if per_s > 0:
                 # predictions since the run ended are not tracked separately: from now on
-                row["break_even_at"] = _iso(max(until, r["started_at"] + r["wall_s"])
-                                            + needed / per_s)
-                row["break_even"] = "at the current rate"
+                when = max(until, r["started_at"] + r["wall_s"]) + needed / per_s
+                if when <= _LATEST:
+                    row["break_even_at"] = _iso(when)
+                    row["break_even"] = "at the current rate"
+                else:  # a large run against little traffic: a datetime cannot hold it
+                    row["break_even"] = "not before the year 10000 at the current rate"
             else:
                 row["break_even"] = "n/a: no predictions in the window"
         else:

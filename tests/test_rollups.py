@@ -4,6 +4,7 @@ run with several tenants the money reconciles to the pico-dollar. SQLite and Pos
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -95,6 +96,20 @@ def test_prune_expires_raw_rows_and_keeps_rollups(ledger_url):
     assert rows(ledger_url, "SELECT tenant, sum(cost_pusd) FROM usage_rollup GROUP BY tenant "
                             "ORDER BY tenant") == before
     assert prune(open_engine(ledger_url), retention_days=30) == {"usage_log": 0, "batches": 0}
+
+
+@pytest.mark.parametrize("days", [-1.0, 0.0, math.nan, math.inf])
+def test_prune_refuses_a_retention_that_is_not_a_positive_number_of_days(tmp_path, days):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = _writer(url)
+    write_batch(writer, time.time() - 60, "m", "1", [("acme", 1, 5, 200)], 1.0)
+    writer.close()
+    with pytest.raises(ValueError, match="positive number of days"):  # -1 deleted every row
+        prune(open_engine(url), retention_days=days)
+    assert rows(url, "SELECT count(*) FROM batches") == [(1,)]
+    if days:  # 0 (and None) means: keep raw rows for ever
+        with pytest.raises(ValueError, match="positive number of days"):
+            LedgerWriter(open_engine(url), retention_days=days)
 
 
 def test_the_writer_thread_prunes_by_retention(tmp_path):

@@ -9,6 +9,7 @@ shutdown are spilled to a JSON-lines file beside the database (or the working di
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -322,6 +323,8 @@ class LedgerWriter:
         self.engine = engine
         self.flush_interval_s = flush_interval_s
         self.spill_dir = spill_dir or Path.cwd()
+        if retention_days:
+            _check_retention(retention_days)
         self.retention_days = retention_days  # None or 0: raw rows are kept for ever
         self.prune_interval_s = prune_interval_s
         self._next_prune = time.monotonic() + min(60.0, prune_interval_s)
@@ -550,6 +553,7 @@ def prune(engine: Engine, retention_days: float, now: float | None = None,
           chunk: int = 20_000) -> dict[str, int]:
     """Delete raw usage_log and batches rows older than the retention (the rollups stay), a
     chunk at a time so that writers are never blocked for long. Rows deleted per table."""
+    _check_retention(retention_days)
     cutoff = (time.time() if now is None else now) - retention_days * 86400
     deleted = {}
     for name in ("usage_log", "batches"):
@@ -564,6 +568,12 @@ def prune(engine: Engine, retention_days: float, now: float | None = None,
                 break
         deleted[name] = total
     return deleted
+
+
+def _check_retention(days: float) -> None:
+    # a negative retention would put the cutoff in the future and delete every raw row
+    if not 0 < days < math.inf:
+        raise ValueError(f"retention must be a positive number of days, got {days}")
 
 
 def _encoded(chunks: list[UsageChunk]) -> list[tuple]:

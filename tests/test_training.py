@@ -132,6 +132,8 @@ def test_mfu_and_device_count_scale_time_and_not_cost_as_they_should(card):
     ({"gpu_hours": 10, "devices": 0}, "devices"),
     ({"params": 1e300, "tokens": 1e300}, "out of range"),
     ({"gpu_hours": float("inf")}, "out of range"),
+    ({"gpu_hours": 1e300}, "more than the ledger holds"),  # PostgreSQL refused it at insert
+    ({"gpu_hours": 10, "devices": 10**20}, "devices"),
 ])
 def test_bad_estimate_inputs_say_what_is_wrong(card, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -513,6 +515,9 @@ def test_cli_uses_the_ledger_from_the_environment_or_the_working_directory(tmp_p
       "reserved"], "reserved"),
     (["estimate", "--device", "aws-c7i.large", "-N", "1e6", "-D", "1e9"], "peak_flops"),
     (["estimate", "--device", "nvidia-t4", "-N", "1e6", "-D", "1e9", "--record"], "--model"),
+    # OverflowError from SQLite's INTEGER, with a traceback
+    (["add", "-m", "m", "-v", "1", "--device", "nvidia-t4", "--hours", "1", "--gpus",
+      "100000000000000000000"], "devices must be in"),
 ])
 def test_cli_errors_say_what_is_wrong_and_write_nothing(tmp_path, args, expect):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"

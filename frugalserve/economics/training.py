@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from .ledger import open_engine, sqlite_url, training_runs
+from .ledger import PICO_MAX, open_engine, sqlite_url, training_runs
 from .meter import PICO_PER_USD, pico_to_usd
 from .ratecard import DevicePrice, RateCard
 
@@ -67,7 +67,11 @@ def cost_pusd(usd_per_hour: Decimal, device_seconds: float, share: float = 1.0) 
         ctx.prec = 60  # exact for any run: 1e9 device-hours at $100/h is 27 digits
         exact = (Decimal(repr(device_seconds)) * usd_per_hour * Decimal(repr(share))
                  * PICO_PER_USD / 3600)
-        return int(exact.to_integral_value(ROUND_HALF_EVEN))
+        pico = int(exact.to_integral_value(ROUND_HALF_EVEN))
+    if pico > PICO_MAX:  # e.g. --gpu-hours 1e300: PostgreSQL refused it at insert
+        raise ValueError(f"{device_seconds:.3g} device-seconds at ${usd_per_hour}/h cost more "
+                         f"than the ledger holds (${PICO_MAX // PICO_PER_USD:.3g})")
+    return pico
 
 
 def energy_kwh(watts: float, device_seconds: float, share: float = 1.0) -> float:
@@ -181,9 +185,12 @@ def training_runs_for(engine: Engine, model: str | None = None,
 MAX_HOURS = 1e6  # 114 years of wall-clock time
 
 
+MAX_DEVICES = 2**31 - 1  # what the ledger's INTEGER column holds
+
+
 def _check_allocation(devices: int, share: float) -> None:
-    if devices < 1:
-        raise ValueError(f"devices must be at least 1, got {devices}")
+    if not 1 <= devices <= MAX_DEVICES:  # --gpus 1e20 raised OverflowError at insert
+        raise ValueError(f"devices must be in [1, {MAX_DEVICES}], got {devices}")
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
 

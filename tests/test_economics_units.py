@@ -1,5 +1,5 @@
-"""Unit tests for cost attribution (economics.meter), the rate card (economics.ratecard) and
-budgets files (economics.budgets)."""
+"""Unit tests for cost attribution (economics.meter), the rate card (economics.ratecard),
+budgets files (economics.budgets) and API key input (economics.keys)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from fractions import Fraction
 import pytest
 
 from frugalserve.economics.budgets import Budget, load_budgets_file, usd_to_pico
+from frugalserve.economics.keys import create_key, list_keys
+from frugalserve.economics.ledger import open_engine
 from frugalserve.economics.meter import (
     PICO_PER_USD,
     Meter,
@@ -305,3 +307,10 @@ def test_budget_amounts_and_names_must_fit_the_ledger():
         Budget("tenant", "t" * 257, "month", 1)
     with pytest.raises(ValueError, match="128"):
         Budget("model", "m", "month", 1, fallback_model="f" * 129)
+
+
+def test_a_key_name_longer_than_its_column_is_refused_and_nothing_is_written(tmp_path):
+    engine = open_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    with pytest.raises(ValueError, match="256"):
+        create_key(engine, "acme", name="n" * 257)
+    assert list_keys(engine) == []

@@ -62,6 +62,8 @@ def create_key(engine: Engine, tenant: str, tier: str = "standard", admin: bool 
         raise ValueError("a key needs a tenant")
     if len(tenant) > 256:
         raise ValueError("tenant names are at most 256 characters")
+    if name is not None and len(name) > 256:  # PostgreSQL refused it at insert
+        raise ValueError("key names are at most 256 characters")
     if tier not in TIERS:
         raise ValueError(f"tier {tier!r}: choose one of {', '.join(TIERS)}")
     key_id = secrets.token_hex(6)

@@ -19,38 +19,31 @@ def _key(*names_types):
     return [sa.Column(n, t, primary_key=True) for n, t in names_types]
 
 
+def _usage_rollup(name: str, period: str) -> None:
+    """usage_rollup (period "minute") and usage_rollup_hourly ("hour"): the same sums."""
+    op.create_table(
+        name,
+        *_key((period, sa.BigInteger), ("model", sa.String(128)), ("version", sa.String(32)),
+              ("variant", sa.String(64)), ("tenant", sa.String(256))),
+        sa.Column("requests", sa.BigInteger, nullable=False),
+        sa.Column("ok", sa.BigInteger, nullable=False),
+        sa.Column("errors", sa.BigInteger, nullable=False),
+        sa.Column("items", sa.BigInteger, nullable=False),
+        sa.Column("cost_pusd", sa.BigInteger, nullable=False),
+        sa.Column("compute_ms", sa.Float, nullable=False),
+        sa.Column("queue_ms", sa.Float, nullable=False),
+        sa.Column("total_ms", sa.Float, nullable=False),
+    )
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     have = {c["name"] for c in sa.inspect(bind).get_columns("replicas")}
     for name in ("last_seen_at", "stopped_at"):
         if name not in have:
             op.add_column("replicas", sa.Column(name, sa.Float))
-    op.create_table(
-        "usage_rollup",
-        *_key(("minute", sa.BigInteger), ("model", sa.String(128)), ("version", sa.String(32)),
-              ("variant", sa.String(64)), ("tenant", sa.String(256))),
-        sa.Column("requests", sa.BigInteger, nullable=False),
-        sa.Column("ok", sa.BigInteger, nullable=False),
-        sa.Column("errors", sa.BigInteger, nullable=False),
-        sa.Column("items", sa.BigInteger, nullable=False),
-        sa.Column("cost_pusd", sa.BigInteger, nullable=False),
-        sa.Column("compute_ms", sa.Float, nullable=False),
-        sa.Column("queue_ms", sa.Float, nullable=False),
-        sa.Column("total_ms", sa.Float, nullable=False),
-    )
-    op.create_table(
-        "usage_rollup_hourly",
-        *_key(("hour", sa.BigInteger), ("model", sa.String(128)), ("version", sa.String(32)),
-              ("variant", sa.String(64)), ("tenant", sa.String(256))),
-        sa.Column("requests", sa.BigInteger, nullable=False),
-        sa.Column("ok", sa.BigInteger, nullable=False),
-        sa.Column("errors", sa.BigInteger, nullable=False),
-        sa.Column("items", sa.BigInteger, nullable=False),
-        sa.Column("cost_pusd", sa.BigInteger, nullable=False),
-        sa.Column("compute_ms", sa.Float, nullable=False),
-        sa.Column("queue_ms", sa.Float, nullable=False),
-        sa.Column("total_ms", sa.Float, nullable=False),
-    )
+    _usage_rollup("usage_rollup", "minute")
+    _usage_rollup("usage_rollup_hourly", "hour")
     op.create_table(
         "batch_rollup",
         *_key(("minute", sa.BigInteger), ("replica_id", sa.Integer), ("model", sa.String(128)),

@@ -137,3 +137,16 @@ def test_connection_close_is_honoured(server, artifacts):
         r = reader.response()
         assert r.status_code == 200
         assert sock.recv(1) == b""  # the server closed its side
+
+
+def test_a_request_head_past_the_limit_is_refused(server):
+    # the body limit alone let a client send headers without end (200 MB were buffered)
+    if server.transport == "asgi":
+        pytest.skip("uvicorn's httptools protocol has no header limit of its own")
+    from frugalserve.protocols.http_server import MAX_HEAD_BYTES
+
+    start = b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: "
+    # one byte past the limit and no more: the server has read all of it when it answers
+    r = support.raw_http(server.port, start + b"a" * (MAX_HEAD_BYTES + 1 - len(start)))
+    assert r.status_code == 431, r.text
+    assert "headers exceed" in r.json()["error"]

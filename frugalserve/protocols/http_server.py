@@ -26,6 +26,9 @@ log = logging.getLogger("frugalserve.http")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _MAX_PIPELINED = 64  # stop reading from a connection that has this many requests waiting
 _MAX_URL = 65535
+# httptools buffers a request line or header however long it is: past this many bytes of one
+# request's head, refuse it (the body limit alone left a client free to send 200 MB of headers)
+MAX_HEAD_BYTES = 1 << 20
 _Request = tuple[str, str, Headers, bytes, bool]  # method, path, headers, body, keep-alive
 
 
@@ -61,6 +64,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # a request of this connection is being answered
         self.closed = False
         self.read_paused = False
+        self._in_head = True  # between requests, or inside one's request line and headers
+        self._head_size = 0
         self._url = b""
         self._headers: Headers = {}
         self._body: list[bytes] = []
@@ -77,6 +82,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_size += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -84,6 +91,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self.closed:
                 self._refuse(400, f"malformed HTTP request: {exc}")
+        if self._in_head and self._head_size > MAX_HEAD_BYTES and not self.closed:
+            self._refuse(431, f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
 
     def pause_writing(self) -> None:
         self._pause_reading()
@@ -110,6 +119,7 @@ class _Connection(asyncio.Protocol):
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self.closed:
             return
         length = self._headers.get(b"content-length")
@@ -130,6 +140,10 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        # the next request's head starts here; what of it shares the chunk being parsed goes
+        # uncounted (one read at most)
+        self._in_head = True
+        self._head_size = 0
         if self.closed:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)

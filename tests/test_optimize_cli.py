@@ -129,3 +129,19 @@ def test_bad_arguments_are_one_clear_line(optimized, tmp_path):
     bad_drop = runner.invoke(app, ["optimize", "fm-mlp", "--repository", str(repo),
                                    "--data", "fashion-mnist", "--max-accuracy-drop", "-1"])
     assert bad_drop.exit_code == 2 and "drop" in bad_drop.output
+    # batch sizes that cannot be profiled, or that leave out the counterfactual's batch 1:
+    # refused before any variant is made
+    for sizes, says in (("0,1,8", "whole numbers >= 1"), ("8,32", "must include 1")):
+        bad = runner.invoke(app, ["optimize", "fm-mlp", "--repository", str(repo),
+                                  "--data", "fashion-mnist", "--batch-sizes", sizes])
+        assert bad.exit_code == 1 and says in bad.output, bad.output
+        assert "Traceback" not in bad.output
+    # a reference file onnxruntime cannot read
+    broken = tmp_path / "repo" / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "model.onnx").write_bytes(b"not onnx")
+    (broken / "config.yaml").write_text((repo / "fm-mlp" / "config.yaml").read_text())
+    bad = runner.invoke(app, ["optimize", "broken", "--repository", str(tmp_path / "repo"),
+                              "--data", "fashion-mnist", "--calls", "5"])
+    assert bad.exit_code == 1 and "broken v1 cannot be loaded" in bad.output, bad.output
+    assert "Traceback" not in bad.output

@@ -200,6 +200,23 @@ def test_profile_has_sane_fields_and_round_trips_through_json(digits, tmp_path):
     assert json.loads((tmp_path / "fp32.json").read_text())["latency"]["64"]["batch"] == 64
 
 
+def test_data_that_is_not_for_the_model_is_a_clear_error(digits):
+    from frugalserve.optimize.profile import input_rows
+    from frugalserve.runtimes.onnx import OnnxRuntime
+
+    runtime = OnnxRuntime(digits.path, {})
+    try:
+        assert input_rows(runtime, digits.x_val.astype(np.float64))[1].dtype == np.float32
+        text = np.asarray([["a film"]] * 3, dtype=object)
+        with pytest.raises(ValueError, match=r"takes X FP32 \[-1, 64\]; the data's rows are "
+                                             r"text \[1\]: not data for this model"):
+            input_rows(runtime, text)
+        with pytest.raises(ValueError, match=r"rows are float32 \[8\]"):
+            input_rows(runtime, digits.x_val[:, :8])
+    finally:
+        runtime.close()
+
+
 def _put(repo: Path, name: str, onnx_bytes: bytes, files: dict[str, str] | None = None) -> Path:
     folder = repo / name / "1"
     folder.mkdir(parents=True)

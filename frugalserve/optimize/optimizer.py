@@ -124,6 +124,9 @@ def optimize_model(repository: Path, model: str, data: Dataset, settings: Settin
                    progress: Progress | None = None) -> OptimizeResult:
     """Build, profile, search, test, write plan.yaml and the chart (see the module's note).
     plan.yaml is written only when some plan meets both targets."""
+    if 1 not in settings.batch_sizes:
+        raise ValueError(f"the batch sizes {list(settings.batch_sizes)} must include 1: the "
+                         "reference at batch 1 is what every saving is measured against")
     repository = Path(repository)
     own = progress is None
     progress = progress or new_progress()

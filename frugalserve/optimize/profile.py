@@ -144,10 +144,17 @@ def input_rows(runtime: Runtime, x: np.ndarray) -> tuple[str, np.ndarray]:
     if len(inputs) != 1:
         raise ValueError(f"{runtime.path}: profiling needs a model with one input, it has "
                          f"{[i.name for i in inputs]}")
-    x = np.asarray(x)
-    if inputs[0].datatype == "FP32" and x.dtype != np.float32:
+    spec, x = inputs[0], np.asarray(x)
+    text = x.dtype.kind in "OSU"
+    if (spec.datatype == "BYTES") != text or x.ndim != len(spec.shape) or any(
+            d not in (-1, n) for d, n in zip(spec.shape[1:], x.shape[1:], strict=True)):
+        rows = "text" if text else str(x.dtype)
+        raise ValueError(f"{runtime.path}: the model takes {spec.name} {spec.datatype} "
+                         f"{list(spec.shape)}; the data's rows are {rows} {list(x.shape[1:])}: "
+                         "not data for this model")
+    if spec.datatype == "FP32" and x.dtype != np.float32:
         x = x.astype(np.float32)
-    return inputs[0].name, np.ascontiguousarray(x)
+    return spec.name, np.ascontiguousarray(x)
 
 
 def _labels(outputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -38,6 +38,7 @@ from ..progress import new_progress
 from ..repository.config import ModelConfig
 from ..repository.plan import REFERENCE, VARIANTS_DIR, variant_dir
 from ..repository.repository import CONFIG_FILE
+from ..runtimes import ModelLoadError
 from ..runtimes.onnx import OnnxRuntime
 from ..tensors import TensorSpec
 from . import distill, prune, quantize
@@ -235,6 +236,8 @@ def build_variants(repository: Path, model: str, *, x_calibration: np.ndarray,
     under `<version>/variants/`, and profile the reference itself (`<version>/profile.json`).
     With `reuse`, a variant folder that already has a profile.json is kept as it is (its
     validation predictions are recomputed)."""
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be whole numbers >= 1, got {list(batch_sizes)}")
     repository = Path(repository)
     vdir = version_dir(repository, model, version)
     config = ModelConfig.load(repository / model / CONFIG_FILE, model)
@@ -256,7 +259,10 @@ def build_variants(repository: Path, model: str, *, x_calibration: np.ndarray,
     try:
         task = progress.add_task("variants", total=1 + len(makers) + len(candidates))
         progress.update(task, description="profiling reference")
-        job.measure(REFERENCE, {"source": f"{model} v{vdir.name}"}, progress)
+        try:
+            job.measure(REFERENCE, {"source": f"{model} v{vdir.name}"}, progress)
+        except ModelLoadError as exc:
+            raise ValueError(f"{model} v{vdir.name} cannot be loaded: {exc}") from exc
         progress.advance(task)
         expected = signature(vdir, config.runtime, config.parameters)
         facts = _facts(source)
@@ -292,11 +298,12 @@ def _make(result: VariantSet, name: str, make: Callable[[Path], object],
         folder.mkdir(parents=True)
         try:
             made = make(folder / OnnxRuntime.filename)
-        except Exception as exc:  # noqa: BLE001 - a maker that fails skips its variant only
+            _copy_companions(result.version_dir, folder, OnnxRuntime.filename)
+            mismatch = signature_mismatch(expected, signature(folder, None, config.parameters))
+        except Exception as exc:  # noqa: BLE001 - a maker that fails (or makes a file that
+            # will not load) skips its variant only
             shutil.rmtree(folder, ignore_errors=True)
             return str(exc) if isinstance(exc, ValueError) else f"failed: {exc!r}"
-        _copy_companions(result.version_dir, folder, OnnxRuntime.filename)
-        mismatch = signature_mismatch(expected, signature(folder, None, config.parameters))
         if mismatch:
             shutil.rmtree(folder, ignore_errors=True)
             return f"its signature differs from the reference's: {mismatch}"

@@ -36,7 +36,9 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
 
 
-def encode(response: Response, keep_alive: bool) -> bytes:
+def encode(response: Response, keep_alive: bool, head: bool = False) -> bytes:
+    """The response as bytes; `head`: for a HEAD request, the headers only (a body there would
+    be read as the start of the next response on the connection)."""
     status, headers, body = response
     parts = [_status_line(status)]
     for name, value in headers:
@@ -44,7 +46,7 @@ def encode(response: Response, keep_alive: bool) -> bytes:
     parts.append(b"content-length: %d\r\n" % len(body))
     if not keep_alive:
         parts.append(b"connection: close\r\n")
-    parts += (b"\r\n", body)
+    parts += (b"\r\n", b"" if head else body)
     return b"".join(parts)
 
 
@@ -179,7 +181,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         keep_alive = keep_alive and not self.server.stopping
-        self.transport.write(encode(response, keep_alive))
+        self.transport.write(encode(response, keep_alive, method == "HEAD"))
         if not keep_alive:
             self.closed = True
             self.transport.close()

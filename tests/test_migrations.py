@@ -4,6 +4,8 @@ them) is adopted and its rollups backfilled; downgrade and upgrade again; the CL
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from ledger_support import (  # noqa: F401 - fixtures
     ledger_url_fixture,
     pg_url_fixture,
@@ -17,13 +19,15 @@ from frugalserve.economics import migrations
 from frugalserve.economics.ledger import (
     ROLLUPS,
     LedgerWriter,
-    _usage_view_sql,
     batches,
     open_engine,
     replicas,
     training_runs,
+    usage,
     usage_log,
 )
+
+V0001 = import_module("frugalserve.economics.migrations.versions.0001_initial")
 
 OWN = ("replicas", "usage_log", "batches", "training_runs", "usage_rollup", "batch_rollup",
        "batch_size_rollup")
@@ -40,6 +44,8 @@ def test_fresh_ledger_reaches_head_with_the_declared_schema(ledger_url):
         pk = insp.get_pk_constraint(table.name)["constrained_columns"]
         assert set(pk) == {c.name for c in table.primary_key.columns}, table.name
     assert "usage" in insp.get_view_names()
+    # the view the migrations froze is the one ledger.usage describes
+    assert [c["name"] for c in insp.get_columns("usage")] == [c.name for c in usage.c]
     # a second open is a no-op, and the writer works on the migrated schema
     open_engine(ledger_url)
     writer = LedgerWriter(engine, flush_interval_s=3600)
@@ -59,7 +65,7 @@ def test_a_ledger_from_before_migrations_is_adopted_and_backfilled(ledger_url):
         Table(table.name, old, *[c._copy() for c in table.columns if c.name != "variant"])
     old.create_all(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql(_usage_view_sql(engine.dialect.name, with_variant=False))
+        conn.exec_driver_sql(V0001.usage_view_sql(engine.dialect.name))
         conn.execute(text("INSERT INTO replicas VALUES (3, 1.0, 'h', 1)"))
         rid = 3 << 40
         ts = 1_790_000_030.5

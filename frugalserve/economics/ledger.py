@@ -83,9 +83,9 @@ usage_log = Table(
     Column("requests", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
 )
 
-# The per-request view (read it like a table): ts = arrival (epoch seconds), batch_size = rows
-# in the batch the request rode in, items = its own rows, cost_pusd = its pico-dollars,
-# status = HTTP-style (200 ok).
+# The per-request view (read it like a table; the migrations make it, 0004 last): ts = arrival
+# (epoch seconds), batch_size = rows in the batch the request rode in, items = its own rows,
+# cost_pusd = its pico-dollars, status = HTTP-style (200 ok).
 usage = table(
     "usage",
     column("id", BigInteger), column("request_id", String), column("ts", Float),
@@ -95,30 +95,6 @@ usage = table(
     column("queue_ms", Float), column("compute_ms", Float), column("total_ms", Float),
     column("cost_pusd", BigInteger), column("status", Integer),
 )
-_VIEW_TYPES = {"id": "bigint", "ts": "double precision", "items": "integer",
-               "queue_ms": "double precision", "total_ms": "double precision",
-               "cost_pusd": "bigint", "status": "integer"}
-
-
-def _usage_view_sql(dialect: str, with_variant: bool = True) -> str:
-    """with_variant=False: the view as revision 0001 made it (before usage_log.variant)."""
-    fields = {}
-    for i, name in enumerate(REQUEST_FIELDS):
-        if dialect == "postgresql":
-            cast = _VIEW_TYPES.get(name)
-            fields[name] = f"(r.value->>{i})::{cast}" if cast else f"r.value->>{i}"
-        else:
-            fields[name] = f"json_extract(r.value, '$[{i}]')"
-    chunk = {"model": "l.model", "version": "l.version", "batch_id": "l.batch_id",
-             "batch_size": "l.batch_size", "compute_ms": "l.compute_ms",
-             "variant": "COALESCE(l.variant, 'reference')"}
-    select = ", ".join(f"{fields.get(c.name) or chunk[c.name]} AS {c.name}" for c in usage.c
-                       if with_variant or c.name != "variant")
-    each = ("jsonb_array_elements(l.requests) AS r(value)" if dialect == "postgresql"
-            else "json_each(l.requests) AS r")
-    create = "CREATE OR REPLACE VIEW" if dialect == "postgresql" else "CREATE VIEW IF NOT EXISTS"
-    return f"{create} usage AS SELECT {select} FROM usage_log AS l, {each}"
-
 
 batches = Table(
     "batches",

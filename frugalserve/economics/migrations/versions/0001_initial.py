@@ -19,6 +19,40 @@ _JSON = sa.JSON().with_variant(JSONB(), "postgresql")
 # PicoAmount: exact NUMERIC(38, 0) on PostgreSQL, decimal text on SQLite
 _PICO = sa.Numeric(38, 0).with_variant(sa.String(40), "sqlite")
 
+# The `usage` view as this revision makes it: one row per request of each usage_log chunk,
+# whose requests are JSON arrays in REQUEST_FIELDS order. Frozen here, not read from
+# ledger.py, which moves on: 0004 makes the view again (with the variant) through this.
+REQUEST_FIELDS = ("id", "request_id", "ts", "tenant", "items", "queue_ms", "total_ms",
+                  "cost_pusd", "status")
+_PG_CASTS = {"id": "bigint", "ts": "double precision", "items": "integer",
+             "queue_ms": "double precision", "total_ms": "double precision",
+             "cost_pusd": "bigint", "status": "integer"}
+VIEW_COLUMNS = ("id", "request_id", "ts", "model", "version", "tenant", "batch_id",
+                "batch_size", "items", "queue_ms", "compute_ms", "total_ms", "cost_pusd",
+                "status")
+
+
+def usage_view_sql(dialect: str, columns: tuple[str, ...] = VIEW_COLUMNS,
+                   chunk_sql: dict[str, str] | None = None) -> str:
+    """CREATE the usage view with `columns` in order: a request's field, else the chunk's
+    column l.<name>, or the expression `chunk_sql` gives for it."""
+    chunk_sql = chunk_sql or {}
+    select = []
+    for name in columns:
+        if name not in REQUEST_FIELDS:
+            sql = chunk_sql.get(name, f"l.{name}")
+        elif dialect == "postgresql":
+            i, cast = REQUEST_FIELDS.index(name), _PG_CASTS.get(name)
+            sql = f"(r.value->>{i})::{cast}" if cast else f"r.value->>{i}"
+        else:
+            sql = f"json_extract(r.value, '$[{REQUEST_FIELDS.index(name)}]')"
+        select.append(f"{sql} AS {name}")
+    if dialect == "postgresql":
+        return (f"CREATE OR REPLACE VIEW usage AS SELECT {', '.join(select)} "
+                "FROM usage_log AS l, jsonb_array_elements(l.requests) AS r(value)")
+    return (f"CREATE VIEW IF NOT EXISTS usage AS SELECT {', '.join(select)} "
+            "FROM usage_log AS l, json_each(l.requests) AS r")
+
 
 def upgrade() -> None:
     bind = op.get_bind()
@@ -88,9 +122,7 @@ def upgrade() -> None:
         # the first ledgers kept a row per request in a `usage` table; the view takes its name
         # and the old rows stay readable beside it
         op.rename_table("usage", "usage_rows_v0")
-    from frugalserve.economics.ledger import _usage_view_sql
-
-    op.execute(_usage_view_sql(bind.dialect.name, with_variant=False))
+    op.execute(usage_view_sql(bind.dialect.name))
 
 
 def downgrade() -> None:

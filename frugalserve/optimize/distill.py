@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from ..economics.training import track_training
 from ..runtimes.onnx import OnnxRuntime
 from . import graph
+from .profile import predict_rows
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,13 @@ class Student:
     wall_s: float
 
 
-def teacher_answers(teacher: Path, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """The teacher's top-1 labels for `x`."""
+def teacher_answers(teacher: Path, x: np.ndarray) -> np.ndarray:
+    """The teacher's top-1 labels for `x`, as the profiler reads them (`label`, else argmax)."""
     runtime = OnnxRuntime(Path(teacher), {"threads": 2})
     try:
-        name = runtime.signature()[0][0].name
-        parts = [runtime.predict({name: x[i:i + batch]})["label"]
-                 for i in range(0, len(x), batch)]
+        return predict_rows(runtime, x).labels
     finally:
         runtime.close()
-    return np.concatenate(parts)
 
 
 def distill(teacher: Path, x: np.ndarray, dst: Path, *, hidden: tuple[int, ...] = (32,),

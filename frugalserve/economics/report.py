@@ -446,21 +446,19 @@ def _break_even(runs, savings, cells, since, until) -> list[dict]:
 
 
 def _series(cells, runs, since, until, bucket) -> list[dict]:
-    acc: dict[int, dict] = {}
-    first = int(since) - int(since) % bucket
-    for b in range(first, int(until) + 1, bucket):
-        acc[b] = {"inference_pusd": 0, "training_pusd": 0, "by_model": defaultdict(int)}
+    def empty() -> dict:
+        return {"inference_pusd": 0, "training_pusd": 0, "by_model": defaultdict(int)}
+
+    # every bucket of the window, spent in or not
+    acc = {b: empty() for b in range(int(since) - int(since) % bucket, int(until) + 1, bucket)}
     for (b, model, _v, _var, _t), c in cells.items():
-        a = acc.setdefault(b, {"inference_pusd": 0, "training_pusd": 0,
-                               "by_model": defaultdict(int)})
+        a = acc.setdefault(b, empty())
         a["inference_pusd"] += c["cost_pusd"]
         a["by_model"][model] += c["cost_pusd"]
     for r in runs:
         if since <= r["started_at"] < until:
             b = int(r["started_at"]) - int(r["started_at"]) % bucket
-            acc.setdefault(b, {"inference_pusd": 0, "training_pusd": 0,
-                               "by_model": defaultdict(int)})["training_pusd"] += \
-                int(r["cost_pusd"])
+            acc.setdefault(b, empty())["training_pusd"] += int(r["cost_pusd"])
     return [{"start": _iso(b), "ts": b, "inference_pusd": a["inference_pusd"],
              "training_pusd": a["training_pusd"], "by_model": dict(a["by_model"])}
             for b, a in sorted(acc.items())]

@@ -26,7 +26,12 @@ and the requirement is mean(d) + margin_z x SE(mean(d)) <= allowed drop, SE = st
 the disagreements, not the accuracy, are what is noisy, and pairing removes the rest.
 
 Pure numpy; thresholds are confidences seen on validation, so the server's `confidence <
-threshold` reproduces the validation routing exactly.
+threshold` reproduces the validation routing exactly when the server computes the same
+confidences. Engines do not always: measured on Fashion-MNIST (onnxruntime 1.32, one thread),
+an int8-dynamic MLP's confidences move by up to 0.025 with the rows that share their batch
+(activations are quantized per call, over the whole batch) and a logistic regression's by 4e-6
+between batches of 1 and 256 (another kernel), while an fp32 or int8-static MLP's do not move.
+For such stages the calibrated routing is an estimate; the test split's numbers check it.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class BatchLatency:
     p50_ms: float
     p99_ms: float
     mean_ms: float
-    throughput: float  # items per second, one thread
+    throughput: float  # items per second, on the profile's `threads`
     calls: int
     # the mean of the calls at or below the p99: what cost estimates use, because on a shared
     # machine a call that was preempted measures the neighbour, not the model
@@ -63,7 +63,7 @@ class Profile:
     validation_rows: int
     size_bytes: int
     rss_bytes: int
-    parameters: int  # floating-point weights (quantized weights are not floats: see nonzero)
+    parameters: int  # floating-point weights (int8 weights are not counted)
     latency: dict[int, BatchLatency] = field(default_factory=dict)
     threads: int = 1
     device: str = ""

@@ -343,8 +343,8 @@ def test_a_ledger_that_fails_at_the_end_keeps_the_run_in_a_file_and_the_script_g
 
 
 def test_gpu_time_is_counted_when_torch_has_used_cuda(tmp_path, monkeypatch):
-    """torch is not installed here; a stand-in with torch.cuda's interface plays a process that
-    used one of its two GPUs."""
+    """The torch installed here is the CPU build (no CUDA); a stand-in with torch.cuda's
+    interface plays a process that used one of its two GPUs."""
     calls = []
     cuda = types.SimpleNamespace(
         is_available=lambda: True, is_initialized=lambda: True, device_count=lambda: 2,

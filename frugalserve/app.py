@@ -64,8 +64,8 @@ def build_dataplane(settings: ServerSettings) -> DataPlane:
         ledger = LedgerWriter(engine, settings.flush_interval_s,
                               spill_dir=Path(settings.repository).resolve().parent,
                               retention_days=settings.retention_days)
-    return DataPlane(repository, RateCard.load(settings.rate_card), ledger,
-                     settings.poll_interval_s, build_admission(settings, ledger))
+    return DataPlane(repository, RateCard.load(settings.rate_card),
+                     build_admission(settings, ledger), ledger, settings.poll_interval_s)
 
 
 def build_admission(settings: ServerSettings, ledger: LedgerWriter | None) -> Admission:

@@ -22,7 +22,7 @@ from .admission import Admission
 from .errors import InferenceError, NotFound, Unavailable
 from .metrics import ServingMetrics
 from .served import ServedVersion
-from .types import ANONYMOUS, InferenceRequest, InferenceResponse
+from .types import InferenceRequest, InferenceResponse
 
 log = logging.getLogger("frugalserve.serving")
 
@@ -42,11 +42,10 @@ class ServedModel:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, rate_card: RateCard,
-                 ledger: LedgerWriter | None = None, poll_interval_s: float | None = None,
-                 admission: Admission | None = None):
+    def __init__(self, repository: ModelRepository, rate_card: RateCard, admission: Admission,
+                 ledger: LedgerWriter | None = None, poll_interval_s: float | None = None):
         self.repository = repository
-        self.admission = admission  # None: no keys, no budgets (anonymous, X-Tenant trusted)
+        self.admission = admission  # keys and budgets (an Admission(None) has neither)
         self.rate_card = rate_card
         self.ledger = ledger  # None: metering off (no costs, no usage records)
         self.poll_interval_s = poll_interval_s
@@ -65,8 +64,7 @@ class DataPlane:
         self._loop = asyncio.get_running_loop()
         if self.ledger is not None:
             self.ledger.start()
-        if self.admission is not None:
-            await self.admission.start(self._resolve)
+        await self.admission.start(self._resolve)
         for name in await asyncio.to_thread(self.repository.names):
             self._fingerprints[name] = await asyncio.to_thread(self.repository.fingerprint, name)
             try:
@@ -84,8 +82,7 @@ class DataPlane:
             self._watcher.cancel()
         models, self._models = list(self._models.values()), {}
         await asyncio.gather(*(m.drain() for m in models))
-        if self.admission is not None:
-            await self.admission.stop()
+        await self.admission.stop()
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.close)
 
@@ -102,7 +99,7 @@ class DataPlane:
         try:
             rows = served.check(request)
             admission = self.admission
-            if admission is not None and admission.active:
+            if admission.active:
                 served, rows = admission.admit(request, served, rows)
             served.submit(request, rows, arrival, future)
         except InferenceError as exc:
@@ -115,14 +112,11 @@ class DataPlane:
         """The tenant to bill and its plan tier, from the request's Authorization header value
         (Bearer key); tenant_label (X-Tenant) counts only for anonymous requests on a trusting
         server. Anonymous requests get each plan's default tier (None)."""
-        if self.admission is None:
-            return (ANONYMOUS if tenant_label is None else tenant_label.decode("latin-1")), None
         return self.admission.authenticate(authorization, tenant_label)
 
     def authorize_admin(self, authorization: bytes | None) -> None:
         """Raise Unauthorized (401) or Forbidden (403) unless an admin may do this."""
-        if self.admission is not None:
-            self.admission.authorize_admin(authorization)
+        self.admission.authorize_admin(authorization)
 
     def _resolve(self, model: str, version: str | None) -> ServedVersion:
         entry = self._models.get(model)

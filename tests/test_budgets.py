@@ -14,7 +14,7 @@ import pytest
 import support
 import yaml
 from conftest import DIGITS_CONFIG
-from sqlalchemy import text
+from ledger_support import rows as query
 from typer.testing import CliRunner
 
 from frugalserve.cli import app
@@ -51,12 +51,9 @@ def live(repo, url, **kw):
 
 
 def usage_rows(url: str) -> list[dict]:
-    engine = open_engine(url)
-    with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(text(
-            "SELECT request_id, model, tenant, cost_pusd, status FROM usage"))]
-    engine.dispose()
-    return rows
+    columns = ("request_id", "model", "tenant", "cost_pusd", "status")
+    return [dict(zip(columns, r, strict=True))
+            for r in query(url, f"SELECT {', '.join(columns)} FROM usage")]
 
 
 def install(engine, dataplane, budget: Budget):

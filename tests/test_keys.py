@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import support
 from conftest import DIGITS_CONFIG
-from sqlalchemy import select, text
+from ledger_support import rows as query
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from frugalserve.cli import app
@@ -36,12 +37,9 @@ def infer(client, artifacts, headers=None, rid=None, model="digits"):
 
 
 def usage_rows(url: str) -> list[dict]:
-    engine = open_engine(url)
-    with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(text(
-            "SELECT request_id, tenant, cost_pusd, status FROM usage"))]
-    engine.dispose()
-    return rows
+    columns = ("request_id", "tenant", "cost_pusd", "status")
+    return [dict(zip(columns, r, strict=True))
+            for r in query(url, f"SELECT {', '.join(columns)} FROM usage")]
 
 
 def test_keys_are_stored_hashed_and_shown_once(tmp_path):

@@ -14,18 +14,14 @@ import numpy as np
 import pytest
 import support
 from conftest import DIGITS_CONFIG
-from sqlalchemy import create_engine, text
+from ledger_support import rows as query
 
 from frugalserve.app import ServerThread
 
 
 def _count(url: str, sql: str) -> int:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(sql)).scalar_one()
-    finally:
-        engine.dispose()
+    ((value,),) = query(url, sql)
+    return value
 
 
 @pytest.fixture(scope="module")

@@ -217,6 +217,32 @@ def test_data_that_is_not_for_the_model_is_a_clear_error(digits):
         runtime.close()
 
 
+def test_confidences_are_the_numbers_the_server_routes_on(tmp_path):
+    """A model with FP64 probabilities: the calibration sees each row's maximum as the server
+    computes it, not rounded to float32 (which could move it across a threshold)."""
+    from frugalserve.optimize.profile import predict_rows
+    from frugalserve.runtimes.onnx import OnnxRuntime
+
+    d = TensorProto.DOUBLE
+    g = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["probabilities"], axis=1),
+         helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0)],
+        "softmax", [helper.make_tensor_value_info("x", d, ["N", 3])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("probabilities", d, ["N", 3])])
+    path = graph.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                      tmp_path / "fp64.onnx")
+    x = np.random.default_rng(0).normal(size=(600, 3))
+    runtime = OnnxRuntime(path, {})
+    try:
+        served = runtime.predict({"x": x[:300]})["probabilities"].max(axis=1)
+        preds = predict_rows(runtime, x)
+    finally:
+        runtime.close()
+    np.testing.assert_array_equal(preds.confidence[:300], served)
+    assert not np.array_equal(served.astype(np.float32), served)  # float32 would differ
+
+
 def _put(repo: Path, name: str, onnx_bytes: bytes, files: dict[str, str] | None = None) -> Path:
     folder = repo / name / "1"
     folder.mkdir(parents=True)

@@ -174,7 +174,9 @@ def predict_rows(runtime: Runtime, x: np.ndarray,
         labels.append(_labels(out))
         if confidence_output in out:
             confidence.append(np.asarray(out[confidence_output]).max(axis=1))
-    conf = np.concatenate(confidence).astype(np.float32) if confidence else None
+    # in the output's own dtype: the server routes on these very numbers (a float64 cast to
+    # float32 could land on the other side of a threshold)
+    conf = np.concatenate(confidence) if confidence else None
     return Predictions(np.concatenate(labels), conf)
 
 

@@ -93,6 +93,31 @@ def test_macs_match_the_layers() -> None:
     assert "12 M MACs" in fashion_cnn.describe()
 
 
+@needs_torch
+@pytest.mark.parametrize(("channels", "hidden"), [(fashion_cnn.CHANNELS, fashion_cnn.HIDDEN),
+                                                  ((8, 16), 32)])
+def test_macs_are_what_the_network_computes(channels, hidden) -> None:
+    """Counted from the layers of the built network, one image through it."""
+    import torch
+
+    net = fashion_cnn.build_model(channels=channels, hidden=hidden).eval()
+    counted = []
+
+    def count(layer, _inputs, output) -> None:
+        if isinstance(layer, torch.nn.Conv2d):
+            kh, kw = layer.kernel_size
+            counted.append(output.numel() * layer.in_channels * kh * kw)
+        elif isinstance(layer, torch.nn.Linear):
+            counted.append(layer.in_features * layer.out_features)
+
+    for layer in net:
+        layer.register_forward_hook(count)
+    with torch.inference_mode():
+        net(torch.zeros(1, 1, 28, 28))
+    assert len(counted) == 4
+    assert sum(counted) == fashion_cnn.macs_per_image(channels, hidden)
+
+
 def test_frugalserve_imports_without_torch() -> None:
     probe = ("import sys; import frugalserve.cli, frugalserve.workloads.fashion_cnn; "
              "sys.exit('torch' in sys.modules)")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 import warnings
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -407,6 +408,13 @@ def test_an_imported_run_of_impossible_length_is_refused(card, hours, devices):
     with pytest.raises(ValueError, match="hours|out of range"):
         imported_run(card, model="m", version="1", device="nvidia-t4", hours=hours,
                      devices=devices)
+
+
+def test_an_imported_run_cannot_start_in_the_future(card):
+    # --started 9999-12-31 was stored, and the report's FOCUS rows then overflowed datetime
+    with pytest.raises(ValueError, match="future"):
+        imported_run(card, model="m", version="1", device="nvidia-t4", hours=1,
+                     started_at=time.time() + 3600)
 
 
 def test_a_versions_runs_link_to_it_and_sum_exactly_even_past_64_bit(ledger_url, card):

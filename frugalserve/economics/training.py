@@ -203,11 +203,14 @@ def imported_run(card: RateCard, *, model: str, version: str, device: str, hours
     if not 0 < hours <= MAX_HOURS:  # a start before year 1 would break every listing
         raise ValueError(f"hours must be in (0, {MAX_HOURS:g}], got {hours}")
     _check_allocation(devices, share)
+    now = time.time()
+    if started_at is not None and started_at > now:  # --started 9999-12-31 broke the report
+        raise ValueError("the run's start is in the future; give when it started")
     price = card.device(device)
     wall_s = hours * 3600
     return TrainingRun(
         model=model, version=version, device=device, pricing=pricing,
-        started_at=time.time() - wall_s if started_at is None else started_at,
+        started_at=now - wall_s if started_at is None else started_at,
         wall_s=wall_s, devices=devices, share=share,
         gpu_s=wall_s * devices * share if price.kind == "gpu" else None,
         energy_kwh=energy_kwh(price.watts, wall_s * devices, share),

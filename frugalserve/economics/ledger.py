@@ -484,13 +484,7 @@ def rollup_hours(minute_rows: list[tuple]) -> list[tuple]:
     """usage_rollup_hourly rows from usage_rollup rows (a few dozen per flush)."""
     acc: dict[tuple, list] = {}
     for row in minute_rows:
-        key = (row[0] - row[0] % 3600, *row[1:5])
-        a = acc.get(key)
-        if a is None:
-            acc[key] = list(row[5:])
-        else:
-            for i, v in enumerate(row[5:]):
-                a[i] += v
+        _add(acc, (row[0] - row[0] % 3600, *row[1:5]), row[5:])
     return [(*key, *a) for key, a in sorted(acc.items())]
 
 

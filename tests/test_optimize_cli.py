@@ -4,6 +4,7 @@ really do on the test split."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -145,3 +146,12 @@ def test_bad_arguments_are_one_clear_line(optimized, tmp_path):
                               "--data", "fashion-mnist", "--calls", "5"])
     assert bad.exit_code == 1 and "broken v1 cannot be loaded" in bad.output, bad.output
     assert "Traceback" not in bad.output
+    # a device the rate card does not price: refused before any variant is made
+    unpriced = tmp_path / "repo" / "unpriced"
+    (unpriced / "1").mkdir(parents=True)
+    shutil.copy(repo / "fm-mlp" / "1" / "model.onnx", unpriced / "1" / "model.onnx")
+    (unpriced / "config.yaml").write_text("device: {type: no-such-device, share: 0.5}\n")
+    bad = runner.invoke(app, ["optimize", "unpriced", "--repository", str(tmp_path / "repo"),
+                              "--data", "fashion-mnist", "--calls", "5"])
+    assert bad.exit_code == 1 and "unknown device 'no-such-device'" in bad.output, bad.output
+    assert sorted(p.name for p in (unpriced / "1").iterdir()) == ["model.onnx"]

@@ -22,6 +22,7 @@ from ..economics.ratecard import RateCard
 from ..progress import new_progress
 from ..repository.config import ModelConfig
 from ..repository.plan import PLAN_FILE, REFERENCE
+from ..repository.repository import CONFIG_FILE
 from . import cascade
 from .plan_report import write_chart
 from .plan_search import (
@@ -35,7 +36,7 @@ from .plan_search import (
     search,
 )
 from .profile import BATCH_SIZES, CONFIDENCE_OUTPUT, Predictions, predict_folder
-from .variants import VariantSet, build_variants, variant_runtime
+from .variants import VariantSet, build_variants, variant_runtime, version_dir
 
 CHART_FILE = "plan.png"
 STUDENT_MAX_ITER = 60  # epochs of the student's fit: converged on 20k rows, a few seconds
@@ -128,6 +129,11 @@ def optimize_model(repository: Path, model: str, data: Dataset, settings: Settin
         raise ValueError(f"the batch sizes {list(settings.batch_sizes)} must include 1: the "
                          "reference at batch 1 is what every saving is measured against")
     repository = Path(repository)
+    # the model folder, its config and its price first: a wrong name, device or rate card
+    # fails now, not after every variant has been made and profiled
+    version_dir(repository, model, settings.version)
+    config = ModelConfig.load(repository / model / CONFIG_FILE, model)
+    price = price_of(config, RateCard.load(settings.rate_card))
     own = progress is None
     progress = progress or new_progress()
     if own:
@@ -144,7 +150,6 @@ def optimize_model(repository: Path, model: str, data: Dataset, settings: Settin
         task = progress.add_task("searching plans", total=2)
         stats = [VariantStats.from_profile(p, variants.predictions[p.variant], data.y_val)
                  for p in variants.profiles]
-        price = price_of(variants.config, RateCard.load(settings.rate_card))
         result = search(stats, price, settings.targets, reference=REFERENCE,
                         batch_sizes=settings.batch_sizes, delays_ms=settings.delays_ms,
                         rate_rps=settings.rate_rps)

@@ -50,6 +50,19 @@ class ServerSettings:
     admission_refresh_s: float = 2.0  # keys and budgets are reloaded from the ledger this often
     budget_safety: float = 2.0  # reservation = this x the measured cost of the request's rows
 
+    def check(self) -> None:
+        """ValueError naming the first setting out of range: a negative poll interval polled
+        the repository without pause, a limit below one byte refused every body."""
+        if self.max_body_bytes < 1:
+            raise ValueError(f"the request body limit must be positive, got {self.max_body_bytes}"
+                             " bytes")
+        positive = {"poll interval": self.poll_interval_s, "flush interval": self.flush_interval_s,
+                    "admission refresh interval": self.admission_refresh_s,
+                    "budget safety factor": self.budget_safety}
+        for what, value in positive.items():
+            if value is not None and not value > 0:  # NaN too
+                raise ValueError(f"the {what} must be positive, got {value}")
+
     def resolved_ledger_url(self) -> str:
         if self.ledger_url:
             return self.ledger_url
@@ -57,6 +70,7 @@ class ServerSettings:
 
 
 def build_dataplane(settings: ServerSettings) -> DataPlane:
+    settings.check()
     repository = ModelRepository(settings.repository)
     ledger = None
     if settings.metering:

@@ -83,6 +83,18 @@ def test_server_thread_start_reports_a_port_in_use(small_repo, tmp_path):
         blocker.close()
 
 
+@pytest.mark.parametrize("kw,port,words", [
+    ({}, 70000, "port 70000 is outside 0-65535"),  # uvloop listened on 70000 % 65536
+    ({"poll_interval_s": -1.0}, 0, "poll interval must be positive"),  # polled non-stop
+    ({"max_body_bytes": -1}, 0, "body limit must be positive"),  # refused every body
+    ({"budget_safety": -2.0}, 0, "budget safety factor must be positive"),  # reserved < 0
+])
+def test_settings_out_of_range_are_refused_before_serving(small_repo, kw, port, words):
+    # `frugalserve serve` prints these ValueErrors as one "cannot start" line
+    with pytest.raises(ValueError, match=words):
+        ServerThread(support.settings(small_repo, metering=False, **kw), port=port)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

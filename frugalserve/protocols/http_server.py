@@ -219,6 +219,8 @@ class HttpServer:
     """Serves a V2Handler; `serve()` runs until `stop()`, then drains requests and the core."""
 
     def __init__(self, handler: V2Handler, host: str = "127.0.0.1", port: int = 8000):
+        if not 0 <= port <= 65535:  # uvloop would listen on port % 65536 without a word
+            raise ValueError(f"port {port} is outside 0-65535")
         self.handler = handler
         self.host = host
         self.port = port

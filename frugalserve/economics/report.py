@@ -236,20 +236,17 @@ def _usage_cells(conn, since: float, until: float, bucket: int) -> dict[tuple, d
         b = (t - t % bucket).label("bucket")
         q = (select(b, u.model, u.version, u.variant, u.tenant, func.sum(u.requests),
                     func.sum(u.ok), func.sum(u.errors), func.sum(u["items"]),
-                    func.sum(u.cost_pusd), func.sum(u.compute_ms))
+                    func.sum(u.cost_pusd))
              .where(t >= start, t < end)
              .group_by(b, u.model, u.version, u.variant, u.tenant))
-        for bk, model, version, variant, tenant, n, ok, err, items, cost, cms in \
-                conn.execute(q):
+        for bk, model, version, variant, tenant, n, ok, err, items, cost in conn.execute(q):
             c = cells.setdefault((int(bk), model, version, variant, tenant), {
-                "requests": 0, "ok": 0, "errors": 0, "items": 0, "cost_pusd": 0,
-                "compute_ms": 0.0})
+                "requests": 0, "ok": 0, "errors": 0, "items": 0, "cost_pusd": 0})
             c["requests"] += int(n)
             c["ok"] += int(ok)
             c["errors"] += int(err)
             c["items"] += int(items or 0)
             c["cost_pusd"] += int(cost or 0)
-            c["compute_ms"] += float(cms or 0)
     return cells
 
 

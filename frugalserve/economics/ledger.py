@@ -312,8 +312,6 @@ class LedgerWriter:
         self._postgres = engine.dialect.name == "postgresql"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.written_usage = 0
-        self.written_batches = 0
 
     # hot path: deque.append is atomic under the GIL, no lock needed
     def add_usage(self, chunk: UsageChunk) -> None:
@@ -384,8 +382,6 @@ class LedgerWriter:
             self._usage.extendleft(reversed(usage_rows))
             self._batches.extendleft(reversed(batch_rows))
             return False
-        self.written_usage += sum(len(chunk[-1]) for chunk in usage_rows)
-        self.written_batches += len(batch_rows)
         return True
 
     def _write(self, work: tuple[tuple[Table, list], ...],

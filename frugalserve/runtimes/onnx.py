@@ -29,12 +29,17 @@ _ORT_TYPES = {
 }
 
 
-def as_text(values: np.ndarray) -> np.ndarray:
-    """BYTES elements (bytes, as the V2 codec gives them, or str) as str, same shape: given
-    bytes, onnxruntime would read each element's repr, "b'...'", as the string."""
-    flat = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+def texts(values: np.ndarray) -> list[str]:
+    """BYTES elements (bytes, as the V2 codec gives them, or str) as a flat list of str; bytes
+    that are not UTF-8 read as U+FFFD."""
+    return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
             for v in values.reshape(-1)]
-    return np.asarray(flat, dtype=object).reshape(values.shape)
+
+
+def as_text(values: np.ndarray) -> np.ndarray:
+    """`texts` in the array's shape: given bytes, onnxruntime would read each element's repr,
+    "b'...'", as the string."""
+    return np.asarray(texts(values), dtype=object).reshape(values.shape)
 
 
 def _spec(arg: Any) -> TensorSpec:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ..tensors import TensorSpec
 from .base import ModelLoadError
-from .onnx import OnnxRuntime, as_text
+from .onnx import OnnxRuntime, texts
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_TOKENS = 64
@@ -95,7 +95,7 @@ class TextRuntime(OnnxRuntime):
     def _encode(self, text: np.ndarray) -> list[Any]:
         # one text at a time: `encode_batch` would spread over every core (rayon), more than
         # the `threads` this instance was given, and is no faster for short snippets
-        return [self.tokenizer.encode(row) for row in as_text(text).reshape(-1).tolist()]
+        return [self.tokenizer.encode(row) for row in texts(text)]
 
     def _tensors(self, encodings: list[Any]) -> dict[str, np.ndarray]:
         # every row's tokens land at once through a mask of the real positions (a row at a

@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import orjson
 import pytest
 import support
 from conftest import DIGITS_CONFIG
@@ -124,6 +125,24 @@ def test_the_writer_thread_prunes_by_retention(tmp_path):
                      what="the writer's periodic prune")
     writer.close()
     assert rows(url, "SELECT sum(cost_pusd) FROM usage_rollup") == [(5,)]
+
+
+def test_rows_that_cannot_be_written_at_shutdown_are_spilled_whole(tmp_path):
+    """The last line of "nothing is ever dropped": this raised TypeError (SQLAlchemy's column
+    names are a str subclass, which orjson refuses as keys) and lost the rows."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = LedgerWriter(open_engine(url), flush_interval_s=3600, spill_dir=tmp_path)
+    batch_id = write_batch(writer, T0, "m", "1", [("acme", 2, 2**62, 200),
+                                                   ("globex", 1, 7, 200)], 1.5)
+    with open_engine(url).begin() as conn:  # the database breaks before the last flush
+        conn.exec_driver_sql("DROP TABLE batches")
+    writer.close(timeout_s=0.3)
+    [spill] = tmp_path.glob("ledger-spill-*.jsonl")
+    docs = [orjson.loads(line) for line in spill.read_bytes().splitlines()]
+    assert [d["table"] for d in docs] == ["batches", "usage_log"]
+    assert docs[0]["id"] == batch_id and docs[0]["cost_pusd"] == 2**62 + 7
+    assert docs[1]["batch_id"] == batch_id
+    assert [(r[3], r[7]) for r in docs[1]["requests"]] == [("acme", 2**62), ("globex", 7)]
 
 
 # -- money reconciliation after a real load run ----------------------------------------------

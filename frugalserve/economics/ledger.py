@@ -419,7 +419,7 @@ class LedgerWriter:
         path = self.spill_dir / f"ledger-spill-{int(time.time())}.jsonl"
         with path.open("ab") as out:
             for table, queue in ((batches, self._batches), (usage_log, self._usage)):
-                names = [c.name for c in table.columns]
+                names = [str(c.name) for c in table.columns]  # orjson: keys exactly str
                 for row in _drain(queue):
                     doc = {"table": table.name, **dict(zip(names, row, strict=True))}
                     out.write(orjson.dumps(doc) + b"\n")

@@ -8,13 +8,12 @@ what `frugalserve workloads build` runs.
 | sentiment | sentiment-tfidf, sentiment-minilm-l3, sentiment-minilm-l6 | accuracy |
 | movielens | movielens-mf (exact), its variant ivf | recall@10 |
 
-Each model's training cost is read back from the ledger (the runs recorded since the build
-started), so the table shows what the ledger holds.
+Each model's training cost is the one its recorded run was priced at (none without a ledger);
+a variant row has none of its own: its training is its model's.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -22,8 +21,6 @@ from pathlib import Path
 
 from rich.progress import Progress
 from rich.table import Table
-
-from ..economics.training import open_ledger, training_runs_for
 
 WORKLOADS = ("fashion-mnist", "fashion-cnn", "sentiment", "movielens")
 
@@ -35,7 +32,7 @@ class BuiltModel:
     validation: float
     test: float  # of the exported artifact where the workload measures it so
     train_s: float
-    cost_usd: Decimal | None = None  # the ledger's training runs of this model
+    cost_usd: Decimal | None = None  # of the recorded training run
     note: str = ""
 
 
@@ -62,7 +59,6 @@ def build_workloads(repository: Path, only: tuple[str, ...], progress: Progress,
         "sentiment": lambda: _sentiment(repository, progress, ledger_url, workdir),
         "movielens": lambda: _movielens(repository, progress, ledger_url),
     }
-    started = time.time()
     overall = progress.add_task("workloads", total=len(only))
     rows: list[BuiltModel] = []
     for name in only:
@@ -70,7 +66,7 @@ def build_workloads(repository: Path, only: tuple[str, ...], progress: Progress,
         rows.extend(builders[name]())
         progress.update(overall, advance=1)
     progress.update(overall, description="workloads")
-    return _with_ledger_costs(rows, ledger_url, started)
+    return rows
 
 
 def _fashion_mnist(repository: Path, progress: Progress,
@@ -78,7 +74,8 @@ def _fashion_mnist(repository: Path, progress: Progress,
     from . import fashion_mnist
 
     data = fashion_mnist.load()
-    return [BuiltModel(m.name, "accuracy", m.validation_accuracy, m.test_accuracy, m.train_s)
+    return [BuiltModel(m.name, "accuracy", m.validation_accuracy, m.test_accuracy, m.train_s,
+                       m.training_cost_usd)
             for m in fashion_mnist.build_repository(repository, data, progress, ledger_url)]
 
 
@@ -89,7 +86,7 @@ def _fashion_cnn(repository: Path, progress: Progress, ledger_url: str | None,
     built = fashion_cnn.build(repository, fashion_mnist.load(), progress, epochs=epochs,
                               ledger_url=ledger_url)
     return [BuiltModel(fashion_cnn.NAME, "accuracy", built.validation_accuracy,
-                       built.test_accuracy, built.train_s,
+                       built.test_accuracy, built.train_s, built.training_cost_usd,
                        note=f"{epochs} epoch(s), {built.steps} steps")]
 
 
@@ -99,8 +96,8 @@ def _sentiment(repository: Path, progress: Progress, ledger_url: str | None,
 
     results = sentiment.build(sentiment.load(), progress, workdir, repository,
                               ledger_url=ledger_url)
-    return [BuiltModel(r.name, "accuracy", r.validation_accuracy, r.test_accuracy, r.train_s)
-            for r in results]
+    return [BuiltModel(r.name, "accuracy", r.validation_accuracy, r.test_accuracy, r.train_s,
+                       r.training_cost_usd) for r in results]
 
 
 def _movielens(repository: Path, progress: Progress,
@@ -113,34 +110,12 @@ def _movielens(repository: Path, progress: Progress,
     name = movielens.MODEL_NAME
     return [
         BuiltModel(name, "recall@10", r.validation_recall, r.exported.test_recall, r.train_s,
-                   note="exact top-10"),
+                   r.training_cost_usd, note="exact top-10"),
         BuiltModel(f"{name}/{movielens.IVF_VARIANT}", "recall@10", r.ivf_validation_recall,
                    r.exported.ivf_test_recall, r.train_s,
                    note=f"IVF: {r.ivf_recall_vs_exact:.0%} of exact's top-10; its cost "
                         f"is {name}'s"),
     ]
-
-
-def _with_ledger_costs(rows: list[BuiltModel], ledger_url: str | None,
-                       since: float) -> list[BuiltModel]:
-    """Each row with the summed cost of its model's runs recorded since `since` (a variant
-    row has none of its own: its training is its model's)."""
-    if ledger_url is None:
-        return rows
-    engine = open_ledger(ledger_url)
-    try:
-        out = []
-        for row in rows:
-            if "/" in row.name:
-                out.append(row)
-                continue
-            runs = [r for r in training_runs_for(engine, row.name, "1") if r.started_at >= since]
-            cost = sum((r.cost_usd for r in runs), Decimal(0)) if runs else None
-            out.append(BuiltModel(row.name, row.metric, row.validation, row.test, row.train_s,
-                                  cost, row.note))
-        return out
-    finally:
-        engine.dispose()
 
 
 def built_table(rows: list[BuiltModel], repository: Path) -> Table:

@@ -36,6 +36,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from .text_export import (
     text_config,
     write_text_model,
 )
-from .tracking import tracked
+from .tracking import cost_usd, tracked
 
 CLASSES = ("rotten", "fresh")
 CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -317,6 +318,7 @@ class SentimentResult:
     agreement: float | None = None  # encoders: served labels = Python path's (val + test)
     max_probability_diff: float | None = None  # encoders: served vs Python path
     training_run_id: int | None = None  # in the ledger, when one was given
+    training_cost_usd: Decimal | None = None
 
 
 def build(data: RottenTomatoes, progress: Progress, workdir: Path | None = None,
@@ -350,7 +352,7 @@ def _build_tfidf(data: RottenTomatoes, progress: Progress, repository: Path,
     val, test = (predict_labels(path, np.asarray(split.text, dtype=object).reshape(-1, 1))
                  for split in (data.validation, data.test))
     return SentimentResult(name, accuracy(val, data.validation), accuracy(test, data.test),
-                           train_s, path, training_run_id=run.id)
+                           train_s, path, training_run_id=run.id, training_cost_usd=cost_usd(run))
 
 
 def _build_encoder(name: str, data: RottenTomatoes, progress: Progress, workdir: Path | None,
@@ -387,7 +389,7 @@ def _build_encoder(name: str, data: RottenTomatoes, progress: Progress, workdir:
         for split in (data.validation, data.test))
     return SentimentResult(model_name, val, test, train_s, path,
                            float(np.concatenate([val_same, test_same]).mean()),
-                           max(val_diff, test_diff), run.id)
+                           max(val_diff, test_diff), run.id, cost_usd(run))
 
 
 def _served_vs_python(path: Path, split: TextSplit, head: LogisticRegression,

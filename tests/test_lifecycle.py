@@ -77,7 +77,7 @@ def test_server_thread_start_reports_a_port_in_use(small_repo, tmp_path):
     port = blocker.getsockname()[1]
     try:
         thread = ServerThread(support.settings(small_repo, metering=False), port=port)
-        with pytest.raises(Exception):  # noqa: B017 - any error is right, silence is not
+        with pytest.raises(RuntimeError, match="server failed to start: .*address"):
             thread.start(timeout_s=60)
     finally:
         blocker.close()

@@ -183,10 +183,16 @@ def test_joblib_sklearn_model_infer(http, artifacts):
                          artifacts.lr.predict_proba(x).astype(np.float32))
 
 
-def test_tenant_header_is_accepted(http, artifacts):
+def test_tenant_header_bills_that_tenant(http, artifacts):
+    # the shared servers trust X-Tenant on anonymous requests (tests/test_keys.py: keys)
+    labels = {"model": "digits", "version": "2", "tenant": "acme"}
+    before = support.scrape(http).get("frugalserve_cost_usd_total", **labels)
     r = http.post("/v2/models/digits/infer", json=support.json_body({"X": artifacts.X[:1]}),
                   headers={"X-Tenant": "acme"})
     assert r.status_code == 200
+    after = support.scrape(http).get("frugalserve_cost_usd_total", **labels)
+    assert after - before == pytest.approx(r.json()["parameters"]["cost_pico_usd"] / 1e12,
+                                           rel=1e-6)
 
 
 def test_keep_alive_connection_serves_many_requests(http, artifacts):

@@ -1,5 +1,6 @@
 """Unit tests for cost attribution (economics.meter), the rate card (economics.ratecard),
-budgets files (economics.budgets) and API key input (economics.keys)."""
+budgets files (economics.budgets), API key input (economics.keys) and alert listing
+(economics.alerts)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import random
 from decimal import Decimal
 from fractions import Fraction
 
+import orjson
 import pytest
 
+from frugalserve.economics.alerts import alerts, list_alerts
 from frugalserve.economics.budgets import Budget, load_budgets_file, usd_to_pico
 from frugalserve.economics.keys import create_key, list_keys
 from frugalserve.economics.ledger import open_engine
@@ -314,3 +317,17 @@ def test_a_key_name_longer_than_its_column_is_refused_and_nothing_is_written(tmp
     with pytest.raises(ValueError, match="256"):
         create_key(engine, "acme", name="n" * 257)
     assert list_keys(engine) == []
+
+
+def test_alerts_list_as_json_ready_dicts_and_refuse_a_limit_below_one(tmp_path):
+    engine = open_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    with engine.begin() as conn:
+        conn.execute(alerts.insert().values(
+            ts=1.0, scope="global", target="", period="month", period_start=0.0, percent=80.0,
+            action="alert", spent_pusd=800, amount_pusd=1000, message="80% of $0.000000001"))
+    (alert,) = list_alerts(engine, 5)
+    # ready for orjson, which refused SQLAlchemy's key type (a str subclass)
+    assert orjson.loads(orjson.dumps(alert)) == {**alert, "id": 1}
+    assert alert["spent_pusd"] == 800 and alert["message"].startswith("80%")
+    with pytest.raises(ValueError, match="at least 1"):
+        list_alerts(engine, -1)

@@ -135,6 +135,9 @@ class AlertSink:
 
 
 def list_alerts(engine: Engine, limit: int = 100) -> list[dict]:
+    """The newest `limit` alerts, as plain dicts (str keys: orjson refuses SQLAlchemy's)."""
+    if limit < 1:  # SQLite reads LIMIT -1 as no limit; PostgreSQL refuses it
+        raise ValueError(f"limit must be at least 1, got {limit}")
     with engine.connect() as conn:
         rows = conn.execute(select(alerts).order_by(alerts.c.id.desc()).limit(limit))
-        return [dict(row._mapping) for row in rows]
+        return [{str(k): v for k, v in row._mapping.items()} for row in rows]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,39 @@ def test_thresholds_reproduce_the_validation_routing():
     escalated = conf < cal.thresholds[0]
     assert reach[1] == pytest.approx(escalated.mean())
     assert cal.thresholds[0] in set(conf.tolist())  # a confidence seen on validation
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_nan_confidences_route_as_the_server_routes_them(stages):
+    """The server escalates a row when confidence < threshold, which NaN never is (an fp16
+    variant's softmax can overflow to NaN): such a row is answered where it is, and the
+    calibration must count it so. Checked against brute force under the server's rule."""
+    rng = np.random.default_rng(15)
+    n = 400
+    conf = [rng.random(n).round(2).astype(np.float32) for _ in range(stages - 1)]
+    for c in conf:
+        c[rng.choice(n, 20, replace=False)] = np.nan
+    ok = [rng.random(n) < np.nan_to_num(c, nan=0.3) for c in conf] + [rng.random(n) < 0.97]
+    costs = (1.0, 4.0, 12.0)[-stages:]
+    floor = 0.88
+    cal = calibrate(ok, [*conf, None], costs, floor)
+    best = None
+    for ts in itertools.product(*(np.unique(c[~np.isnan(c)]) for c in conf)):
+        pending, right, cost = np.ones(n, bool), np.zeros(n, bool), 0.0
+        for k, ok_k in enumerate(ok):
+            cost += costs[k] * pending.mean()
+            here = pending & ~(conf[k] < ts[k]) if k < len(conf) else pending
+            right |= here & ok_k
+            pending &= ~here
+        if right.mean() >= floor - 1e-12 and (best is None or cost < best):
+            best = cost
+    assert cal.expected_cost == pytest.approx(best)
+    assert all(np.isfinite(t) for t in cal.thresholds)
+    low = conf[0] < cal.thresholds[0]  # what the server sends on from stage 1
+    assert cal.reach[1] == pytest.approx(low.mean())
+    if stages == 2:
+        assert cal.accuracy == pytest.approx(np.where(low, ok[1], ok[0]).mean())
+    assert evaluate(ok, [*conf, None], cal.thresholds) == (cal.accuracy, cal.reach)
 
 
 def _brute_force_two(ok1, conf, ok2, costs, floor):

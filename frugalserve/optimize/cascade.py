@@ -74,7 +74,7 @@ def routed_correct(correct: Sequence[np.ndarray], confidence: Sequence[np.ndarra
         conf = confidence[k]
         if conf is None:
             raise ValueError(f"stage {k + 1} has no confidence output to route on")
-        answered = pending & (conf >= thresholds[k])
+        answered = pending & ~(np.asarray(conf) < thresholds[k])  # the server's rule: NaN stays
         right |= np.asarray(ok, dtype=bool) & answered
         pending &= ~answered
     return right, tuple(reach)
@@ -119,12 +119,20 @@ class _Bound:
         return _bound_count(losses, wins, self.n, self.z) <= self.allowed + 1e-9
 
 
+def _routing_confidence(confidence: np.ndarray) -> np.ndarray:
+    """Confidences as the server's `confidence < threshold` orders them: NaN is never below a
+    threshold, so a NaN row is always answered, like one more confident than any other."""
+    c = np.asarray(confidence, dtype=np.float64)
+    return np.where(np.isnan(c), np.inf, c)
+
+
 def _cuts(conf_sorted: np.ndarray) -> np.ndarray:
     """Prefix lengths j (1..n) that a threshold can make: accept the first j of the items sorted
-    by confidence, descending; only where the next item's confidence is lower."""
+    by confidence, descending; only where the next item's confidence is lower, and where the
+    last accepted one's is finite (it becomes the threshold)."""
     n = len(conf_sorted)
     j = np.arange(1, n + 1)
-    return j[np.append(conf_sorted[:-1] > conf_sorted[1:], True)]
+    return j[np.append(conf_sorted[:-1] > conf_sorted[1:], True) & np.isfinite(conf_sorted)]
 
 
 def _best_two(first: tuple[np.ndarray, np.ndarray], conf1: np.ndarray,
@@ -253,7 +261,7 @@ def calibrate(correct: Sequence[np.ndarray], confidence: Sequence[np.ndarray | N
     if len(ref) != n:
         raise ValueError("the reference needs one prediction per validation item")
     bound = _Bound(n, float(ref.sum()) - min_accuracy * n, margin_z)
-    conf = [np.asarray(c, dtype=np.float64) for c in confidence[:-1]]
+    conf = [_routing_confidence(c) for c in confidence[:-1]]
     chain = _Chain(ok, ref)
     if stages == 2:
         thresholds = _calibrate_two(chain, conf, bound)

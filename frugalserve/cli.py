@@ -102,13 +102,17 @@ def bench(
                   [v2_client.zeros_body(v2_client.fetch_metadata(url, model))])
         headers = dict(_split_header(h) for h in header or [])
         spec = loadgen.LoadSpec(v2_client.infer_url(url, model, version), bodies,
-                                concurrency=concurrency or 16, rate=rate, connections=connections,
+                                concurrency=16 if concurrency is None else concurrency,
+                                rate=rate, connections=connections,
                                 duration_s=duration, requests=requests, headers=headers,
                                 timeout_s=timeout, label=model)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    result = loadgen.run(spec)
-    Console().print(reports.load_table(result.summary(), model, spec.url))
+    summary = loadgen.run(spec).summary()
+    Console().print(reports.load_table(summary, model, spec.url))
+    if summary.ok == 0:  # a load that got no answer is a failed run, whatever it printed
+        typer.echo(f"frugalserve bench: no request succeeded ({summary.last_error})", err=True)
+        raise typer.Exit(1)
 
 
 def _split_header(text: str) -> tuple[str, str]:

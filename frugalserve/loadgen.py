@@ -51,10 +51,20 @@ class LoadSpec:
             raise ValueError("need at least one request body")
         if self.duration_s is None and self.requests is None:
             raise ValueError("give a duration or a number of requests, or the load never ends")
-        if self.rate is not None and self.rate <= 0:
+        # `not x > 0` refuses NaN too; a duration of 0 used to mean no limit at all, and a
+        # timeout of 0 a watchdog that never slept
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ValueError(f"the duration must be positive, got {self.duration_s:g} s")
+        if self.requests is not None and self.requests < 1:
+            raise ValueError(f"the number of requests must be >= 1, got {self.requests}")
+        if self.rate is not None and not self.rate > 0:
             raise ValueError("rate must be positive")
+        if not self.timeout_s > 0:
+            raise ValueError(f"the timeout must be positive, got {self.timeout_s:g} s")
         if min(self.concurrency, self.connections) < 1:
             raise ValueError("concurrency and connections must be >= 1")
+        address(self.url)  # only http:// URLs, with a valid port
+        prepare_request("POST", self.url, b"", self.headers)  # headers HTTP can carry
 
     @property
     def mode(self) -> str:
@@ -154,11 +164,14 @@ class _Run:
         spec = self.spec
         pool = spec.concurrency if spec.rate is None else spec.connections
         self.conns = list(await asyncio.gather(*(self._connect() for _ in range(pool))))
+        # the bar counts requests when a count is given (whichever limit comes first), else time
         task = self.progress.add_task(f"{spec.label}: {spec.mode}",
-                                      total=spec.duration_s or spec.requests)
+                                      total=spec.duration_s if spec.requests is None
+                                      else spec.requests)
         started_at = time.time()
         self.start = time.perf_counter()
-        self.deadline = self.start + (spec.duration_s or float("inf"))
+        self.deadline = self.start + (float("inf") if spec.duration_s is None
+                                      else spec.duration_s)
         helpers = [asyncio.create_task(self._tick(task)), asyncio.create_task(self._watchdog())]
         try:
             if spec.rate is None:
@@ -277,7 +290,7 @@ class _Run:
         text = f"{spec.label}: {spec.mode}, {done:,} req, {done / max(elapsed, 1e-9):,.0f}/s"
         if self.failed:
             text += f", {self.failed:,} errors"
-        if spec.duration_s is not None and spec.requests is None:
+        if spec.requests is None:
             completed = spec.duration_s if final else min(elapsed, spec.duration_s)
         else:
             completed = spec.requests if final else done

@@ -62,10 +62,17 @@ def fetch_metadata(base: str, model: str, timeout_s: float = 10.0) -> dict:
     url = base.rstrip("/") + f"/v2/models/{model}"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return json.load(response)
+            doc = json.load(response)
     except urllib.error.HTTPError as exc:  # say what the server said, not just the code
         raise ValueError(f"GET {url}: {exc.code} {exc.read()[:300].decode(errors='replace')}"
                          ) from None
+    except urllib.error.URLError as exc:  # refused, unknown host: the reason, not its repr
+        raise ValueError(f"GET {url}: {exc.reason}") from None
+    except json.JSONDecodeError:
+        raise ValueError(f"GET {url}: the answer is not JSON; is this a V2 server?") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise ValueError(f"GET {url}: the answer is not V2 model metadata (no inputs)")
+    return doc
 
 
 def zeros_body(metadata: dict) -> bytes:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 from rich.progress import Progress
+from typer.testing import CliRunner
 
 from frugalserve import loadgen
+from frugalserve.cli import app
 from frugalserve.http1 import ProtocolError, _parse_head, prepare_request
 from frugalserve.loadgen import NO_RESPONSE, LoadSpec
 
@@ -137,6 +140,59 @@ def test_spec_refuses_an_endless_or_empty_load() -> None:
         LoadSpec("http://h/x", BODIES, duration_s=None)
     with pytest.raises(ValueError, match="at least one"):
         LoadSpec("http://h/x", [])
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"duration_s": 0}, "duration must be positive"),  # once meant: no limit at all
+    ({"duration_s": float("nan")}, "duration must be positive"),
+    ({"duration_s": None, "requests": 0}, "requests must be >= 1"),
+    ({"timeout_s": 0}, "timeout must be positive"),  # once: a watchdog that never slept
+    ({"concurrency": 0}, "must be >= 1"),
+    ({"rate": -5}, "rate must be positive"),
+    ({"url": "ftp://h/x"}, "only http://"),
+    ({"url": "http://h:99999/x"}, "out of range"),
+    ({"headers": {"X-Name": "\u4e2d"}}, "latin-1"),
+])
+def test_spec_refuses_limits_out_of_range_before_any_request(kwargs: dict, says: str) -> None:
+    spec = {"url": "http://h/x", "bodies": BODIES} | kwargs
+    with pytest.raises(ValueError, match=says):
+        LoadSpec(**spec)
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["-c", "0"], "must be >= 1"),  # once silently 16 connections
+    (["-d", "0"], "duration must be positive"),
+    (["-n", "0"], "requests must be >= 1"),
+    (["--timeout", "0"], "timeout must be positive"),
+    (["-H", "no colon"], "not 'Name: value'"),
+])
+def test_bench_command_refuses_bad_options_in_one_line(server: str, tmp_path, options: list[str],
+                                                      says: str) -> None:
+    body = tmp_path / "request.json"
+    body.write_text('{"inputs": []}')
+    result = CliRunner().invoke(app, ["bench", server, "-m", "m", "--input-file", str(body),
+                                      *options])
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_command_counts_answers_and_fails_when_none_came(server: str, tmp_path) -> None:
+    body = tmp_path / "request.json"
+    body.write_text('{"inputs": []}')
+    ran = CliRunner().invoke(app, ["bench", server, "-m", "m", "--input-file", str(body),
+                                   "-n", "25", "-c", "2"])
+    assert ran.exit_code == 0, ran.output
+    assert "/v2/models/m/infer" in ran.output
+    assert re.search(r"requests\s+│\s+25 │", ran.output) and re.search(r"ok\s+│\s+25 │",
+                                                                       ran.output), ran.output
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    refused = CliRunner().invoke(app, ["bench", f"http://127.0.0.1:{port}", "-m", "m",
+                                       "--input-file", str(body), "-n", "3"])
+    assert refused.exit_code == 1 and "no request succeeded" in refused.output
+    unreachable = CliRunner().invoke(app, ["bench", f"http://127.0.0.1:{port}", "-m", "m"])
+    assert unreachable.exit_code == 2 and "Connection refused" in unreachable.output
 
 
 def test_request_and_response_framing() -> None:

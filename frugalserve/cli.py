@@ -51,6 +51,9 @@ def serve(
     """Serve a model repository over the Open Inference Protocol (V2)."""
     from .app import ServerSettings, run_server
 
+    if not isinstance(logging.getLevelName(log_level.upper()), int):
+        raise typer.BadParameter("debug, info, warning, error or critical",
+                                 param_hint="--log-level")
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to a user
@@ -65,8 +68,12 @@ def serve(
 
     try:
         run_server(settings, host, port)
-    except (RepositoryError, RateCardError, SQLAlchemyError, OSError, ValueError) as exc:
-        # a wrong path, price file, ledger URL or a port in use: say which, without a traceback
+    except (SQLAlchemyError, ImportError) as exc:  # e.g. mysql:// without its driver
+        typer.echo(f"frugalserve serve: cannot start: "
+                   f"{_ledger_problem(settings.resolved_ledger_url(), exc)}", err=True)
+        raise typer.Exit(1) from exc
+    except (RepositoryError, RateCardError, OSError, ValueError) as exc:
+        # a wrong path, price file or a port in use: say which, without a traceback
         typer.echo(f"frugalserve serve: cannot start: {exc}", err=True)
         raise typer.Exit(1) from exc
 
@@ -338,8 +345,23 @@ def _open_ledger(url: str | None):
 
 
 def _bad_ledger(url: str, exc: Exception) -> typer.BadParameter:
+    return typer.BadParameter(_ledger_problem(url, exc))
+
+
+def _ledger_problem(url: str, exc: Exception) -> str:
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    return typer.BadParameter(f"--ledger {url}: cannot open it: {reason}")
+    return f"--ledger {_shown_url(url)}: cannot open it: {reason}"
+
+
+def _shown_url(url: str) -> str:
+    """A ledger URL as it may be printed: its password masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not a URL at all: nothing in it to hide
+        return url
 
 
 @training_app.command("add")
@@ -522,7 +544,6 @@ def workloads_build(
     import os
 
     from rich.console import Console
-    from sqlalchemy.engine import make_url
 
     from .app import ServerSettings
     from .economics.training import LEDGER_ENV
@@ -549,7 +570,7 @@ def workloads_build(
         console.print(f"[red]frugalserve workloads build: {exc}[/red]")
         raise typer.Exit(1) from exc
     console.print(catalog.built_table(rows, repository))
-    console.print(f"training runs recorded in {make_url(url).render_as_string(hide_password=True)}")
+    console.print(f"training runs recorded in {_shown_url(url)}")
 
 
 # -- spend report and ledger maintenance --------------------------------------------------------

@@ -554,14 +554,14 @@ def workloads_build(
         chosen = catalog.parse_only(only)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--only") from exc
-    repository.mkdir(parents=True, exist_ok=True)
+    _make_dir(repository, "--repository")
     url = ledger or os.environ.get(LEDGER_ENV) or ServerSettings(repository).resolved_ledger_url()
     _open_ledger(url).dispose()  # a wrong URL fails now, not after the training
     console = Console()
     if not console.is_terminal:  # piped to a file: keep the table's columns unwrapped
         console.width = max(console.width, 120)
     missing = (fashion_mnist.DatasetMissing, sentiment.DatasetMissing,
-               movielens.DatasetMissing, ImportError)
+               movielens.DatasetMissing, ImportError, OSError)
     try:
         with new_progress(console) as progress:
             rows = catalog.build_workloads(repository, chosen, progress, url, cnn_epochs,
@@ -615,14 +615,31 @@ def report(
         data = {"json": lambda: result.to_json().decode() + "\n", "csv": result.to_csv,
                 "focus": result.to_focus_csv}[format]()
         if output:
-            output.write_text(data)
+            _write(output, "--output", output.write_text, data)
         else:
             sys.stdout.write(data)
     if chart:
         from .reports import write_spend_chart
 
-        write_spend_chart(result, chart)
+        _write(chart, "--chart", write_spend_chart, result, chart)
         Console(stderr=True).print(f"chart: {chart}")
+
+
+def _make_dir(path: Path, option: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: cannot create it: {exc.strerror or exc}",
+                                 param_hint=option) from None
+
+
+def _write(path: Path, option: str, write, *args) -> None:
+    """`write(*args)`, which writes `path`; a path that cannot be written is a bad `option`."""
+    try:
+        write(*args)
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: cannot write it: {exc.strerror or exc}",
+                                 param_hint=option) from None
 
 
 ledger_app = typer.Typer(help="Ledger maintenance: schema migrations, retention.",

@@ -676,7 +676,10 @@ def ledger_prune(
 
     from .economics.ledger import prune
 
-    deleted = prune(_open_ledger(ledger), days)
+    try:
+        deleted = prune(_open_ledger(ledger), days)
+    except ValueError as exc:  # a retention that is not a positive number of days
+        raise typer.BadParameter(str(exc), param_hint="--days") from exc
     Console().print(", ".join(f"{n:,} {t} rows deleted" for t, n in deleted.items()))
 
 
@@ -827,11 +830,14 @@ def budgets_alerts(limit: int = typer.Option(50, help="How many, newest first.")
 
     from .economics.alerts import list_alerts
 
-    engine = _open_ledger(ledger)
+    try:
+        alerts = list_alerts(_open_ledger(ledger), limit)
+    except ValueError as exc:  # a limit below 1
+        raise typer.BadParameter(str(exc), param_hint="--limit") from exc
     table = Table(title="budget alerts")
     for col in ("time (UTC)", "action", "message"):
         table.add_column(col)
-    for a in list_alerts(engine, limit):
+    for a in alerts:
         table.add_row(_utc(a["ts"]), a["action"], a["message"])
     Console().print(table)
 

@@ -140,16 +140,21 @@ def demo(
     """Train two Fashion-MNIST models, serve them, load them and show what predictions cost."""
     from rich.console import Console
 
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, NoPlan, run_demo
     from .reports import show_demo
     from .workloads.fashion_mnist import DatasetMissing
 
+    try:
+        config = DemoConfig(workdir, duration, concurrency)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    _make_dir(workdir, "--workdir")
     console = Console()
     if not console.is_terminal:  # piped to a file: keep the tables' columns unwrapped
         console.width = max(console.width, 120)
     try:
-        result = run_demo(DemoConfig(workdir, duration, concurrency), console)
-    except DatasetMissing as exc:
+        result = run_demo(config, console)
+    except (DatasetMissing, NoPlan) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     show_demo(result, console)

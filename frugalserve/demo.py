@@ -41,6 +41,10 @@ from .workloads.onnx_export import INPUT_NAME
 LEDGER_FILE = "ledger.db"
 
 
+class NoPlan(RuntimeError):
+    """The optimizer found no plan within the demo's targets (on an unusually slow machine)."""
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     workdir: Path = Path("runs/demo")
@@ -48,6 +52,13 @@ class DemoConfig:
     concurrency: int = 32
     open_fraction: float = 0.4  # open-loop rate as a share of the closed-loop throughput
     connections: int = 64  # open loop: connection pool
+
+    def __post_init__(self) -> None:
+        # checked before minutes of training, not by the first load run after them
+        if not self.duration_s > 0:
+            raise ValueError(f"the duration must be positive, got {self.duration_s:g} s")
+        if self.concurrency < 1:
+            raise ValueError(f"the concurrency must be >= 1, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,7 @@ def optimize_and_verify(repository: Path, data: fashion_mnist.FashionMNIST,
     result = optimize_model(repository, OPTIMIZED, dataset, settings, progress)
     search = result.search
     if search.chosen is None:
-        raise RuntimeError(f"no plan for {OPTIMIZED} met the targets; see {result.chart_path}")
+        raise NoPlan(f"no plan for {OPTIMIZED} met the targets; see {result.chart_path}")
     naive_repo = naive_repository(repository, OPTIMIZED, workdir / "naive" / "repository")
     naive, _ = serve_and_replay(naive_repo, OPTIMIZED, bodies, data.test.y,
                                 sqlite_url(workdir / "naive" / LEDGER_FILE),

@@ -35,7 +35,13 @@ from rich.console import Console
 
 from frugalserve.economics.ledger import sqlite_url
 from frugalserve.progress import new_progress
-from frugalserve.replay import naive_repository, request_bodies, serve_and_replay
+from frugalserve.replay import (
+    Replay,
+    labelled_data,
+    naive_repository,
+    request_bodies,
+    serve_and_replay,
+)
 from frugalserve.reports import format_usd
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +58,7 @@ class Workload:
     build: str  # `workloads build --only`
     model: str  # the reference the optimizer starts from
     data: str  # `optimize --data`
+    input_name: str  # the models' one input
     candidates: str  # other repository models with the same signature
     target: float  # at least this many times cheaper than naive
     p99_ms: float
@@ -59,23 +66,10 @@ class Workload:
 
 WORKLOADS = {
     "fashion": Workload("fashion", "fashion-mnist,fashion-cnn", "fmnist-cnn", "fashion-mnist",
-                        "fmnist-mlp,fmnist-logreg", 10.0, 50.0),
-    "sentiment": Workload("sentiment", "sentiment", "sentiment-minilm-l6", "sentiment",
+                        "X", "fmnist-mlp,fmnist-logreg", 10.0, 50.0),
+    "sentiment": Workload("sentiment", "sentiment", "sentiment-minilm-l6", "sentiment", "text",
                           "sentiment-minilm-l3,sentiment-tfidf", 3.0, 100.0),
 }
-
-
-def test_split(workload: Workload) -> tuple[str, np.ndarray, np.ndarray]:
-    """The input name, the test rows and their labels."""
-    if workload.data == "fashion-mnist":
-        from frugalserve.workloads import fashion_mnist
-
-        test = fashion_mnist.load().test
-        return "X", test.x, test.y
-    from frugalserve.workloads import sentiment
-
-    test = sentiment.load().test
-    return "text", np.asarray(test.text, dtype=object).reshape(-1, 1), test.y
 
 
 def cli(*args: str) -> None:
@@ -92,8 +86,9 @@ def run_workload(workload: Workload, console: Console, rebuild: bool) -> dict:
         "--max-accuracy-drop", str(MAX_DROP_POINTS), "--p99-ms", str(workload.p99_ms),
         "--candidates", workload.candidates, "--ledger", sqlite_url(work / "training.db"))
     plan = yaml.safe_load((repository / workload.model / "plan.yaml").read_text())
-    name, x, y = test_split(workload)
-    bodies = request_bodies(name, x)
+    data = labelled_data(workload.data)  # the splits `optimize --data` read
+    y = data.y_test
+    bodies = request_bodies(workload.input_name, data.x_test)
     naive_repo = naive_repository(repository, workload.model, work / "naive" / "repository")
     runs = {}
     with new_progress(console) as progress:
@@ -127,14 +122,11 @@ def rows(results: list[dict]) -> list[list[str]]:
     out = []
     for r in results:
         for key in ("naive", "plan"):
-            d = r[key]
-            per_1m = d["cost_pusd"] / max(d["ok"], 1) * 1e6 / 1e12
-            paths = ", ".join(f"{p} {n / d['ok']:.0%}" for p, n in
-                              sorted(d["variants"].items(), key=lambda kv: -kv[1]))
+            d = Replay(**r[key])
             last = key == "plan"
-            out.append([r["workload"], key, f"{d['accuracy']:.4f}",
-                        format_usd(Decimal(per_1m)),
-                        f"{d['p50_ms']:.2f}", f"{d['p99_ms']:.2f}", f"{d['rps']:,.0f}", paths,
+            out.append([r["workload"], key, f"{d.accuracy:.4f}",
+                        format_usd(Decimal(d.usd_per_million)),
+                        f"{d.p50_ms:.2f}", f"{d.p99_ms:.2f}", f"{d.rps:,.0f}", d.answered_by(),
                         f"{r['factor']:.1f}x (target {r['target']:g}x)" if last else "",
                         ("PASS" if r["passed"] else "FAIL") if last else ""])
     return out
@@ -150,7 +142,7 @@ def chart(results: list[dict], path: Path) -> None:
     names = [r["workload"] for r in results]
     xs = np.arange(len(names))
     for offset, key, color in ((-0.2, "naive", "#b0b0b0"), (0.2, "plan", "#2a9d8f")):
-        vals = [r[key]["cost_pusd"] / max(r[key]["ok"], 1) * 1e6 / 1e12 for r in results]
+        vals = [Replay(**r[key]).usd_per_million for r in results]
         bars = ax.bar(xs + offset, vals, 0.4, label=key, color=color)
         for bar, r in zip(bars, results, strict=True):
             ax.annotate(f"acc {r[key]['accuracy']:.3f}", (bar.get_x() + bar.get_width() / 2,

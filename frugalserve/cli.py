@@ -162,35 +162,24 @@ def demo(
 
 # -- optimizer ----------------------------------------------------------------------------------
 
-DATA_SETS = ("fashion-mnist", "sentiment")
 OPT_LEDGER_HELP = ("Ledger database URL for the distilled student's training run (default: "
                    "$FRUGALSERVE_LEDGER, else ./frugalserve-ledger.db).")
 
 
 def _optimize_data(name: str):
-    """The validation and test splits of a seed workload, as model inputs (texts as object
-    arrays [n, 1]); a missing data package is one clear line and exit 1."""
-    import numpy as np
+    """The splits of the seed workload `--data` names; a missing data package is one clear line
+    and exit 1."""
+    from .replay import DATA_SETS, labelled_data
+    from .workloads.data import DatasetMissing
 
-    from .optimize.optimizer import Dataset
-    from .workloads import fashion_mnist, sentiment
-
+    if name not in DATA_SETS:
+        raise typer.BadParameter(f"one of {', '.join(DATA_SETS)}, not {name!r}",
+                                 param_hint="--data")
     try:
-        if name == "fashion-mnist":
-            d = fashion_mnist.load()
-            return Dataset(name, d.train.x, d.validation.x, d.validation.y, d.test.x, d.test.y)
-        if name == "sentiment":
-            s = sentiment.load()
-
-            def rows(split: sentiment.TextSplit) -> np.ndarray:
-                return np.asarray(split.text, dtype=object).reshape(-1, 1)
-
-            return Dataset(name, rows(s.train), rows(s.validation), s.validation.y,
-                           rows(s.test), s.test.y)
-    except (fashion_mnist.DatasetMissing, sentiment.DatasetMissing) as exc:
+        return labelled_data(name)
+    except DatasetMissing as exc:
         typer.echo(f"frugalserve: {exc}", err=True)
         raise typer.Exit(1) from exc
-    raise typer.BadParameter(f"--data must be one of {', '.join(DATA_SETS)}, not {name!r}")
 
 
 def _numbers(text: str, kind: type, option: str) -> tuple:

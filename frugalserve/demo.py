@@ -30,10 +30,10 @@ from .app import ServerSettings, ServerThread
 from .economics.ledger import open_engine, sqlite_url
 from .economics.ratecard import RateCard
 from .economics.summary import ModelUsage, model_usage
-from .optimize.optimizer import Dataset, Settings, optimize_model
+from .optimize.optimizer import Settings, optimize_model
 from .optimize.plan_search import Lever, Targets
 from .progress import new_progress
-from .replay import Replay, naive_repository, serve_and_replay
+from .replay import Replay, fashion_dataset, naive_repository, request_bodies, serve_and_replay
 from .repository.plan import REFERENCE
 from .workloads import fashion_mnist
 from .workloads.onnx_export import INPUT_NAME
@@ -126,8 +126,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         progress.update(task, completed=1, description=f"load Fashion-MNIST ({len(data.train):,}"
                         f" train, {len(data.validation):,} val, {len(data.test):,} test)")
         models = fashion_mnist.build_repository(repository, data, progress)
-        bodies = [v2_client.infer_body({INPUT_NAME: data.test.x[i:i + 1]}, ["label"])
-                  for i in range(len(data.test))]
+        bodies = request_bodies(INPUT_NAME, data.test.x)
         check = label_check(data.test.y)
         task = progress.add_task("start server", total=1)
         settings = ServerSettings(repository, ledger_url, poll_interval_s=None)
@@ -158,8 +157,7 @@ def optimize_and_verify(repository: Path, data: fashion_mnist.FashionMNIST,
                         progress) -> Savings:
     """`frugalserve optimize fmnist-mlp --candidates fmnist-logreg --max-accuracy-drop 0.5
     --p99-ms 50`, then the test set through the naive deployment and through the plan."""
-    dataset = Dataset("fashion-mnist", data.train.x, data.validation.x, data.validation.y,
-                      data.test.x, data.test.y)
+    dataset = fashion_dataset(data)
     settings = Settings(Targets(max_accuracy_drop=0.005, p99_ms=50.0),
                         candidates=("fmnist-logreg",), ledger_url=ledger_url)
     result = optimize_model(repository, OPTIMIZED, dataset, settings, progress)

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -24,6 +25,12 @@ from . import loadgen, v2_client
 from .economics.meter import PICO_PER_USD
 from .repository.plan import PLAN_FILE, VARIANTS_DIR
 from .repository.repository import CONFIG_FILE
+
+if TYPE_CHECKING:
+    from .optimize.optimizer import Dataset
+    from .workloads.fashion_mnist import FashionMNIST
+
+DATA_SETS = ("fashion-mnist", "sentiment")  # what `optimize --data` and bench/optimizer.py name
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,39 @@ class Replay:
     @property
     def usd_per_million(self) -> float:
         return self.cost_pusd / max(self.ok, 1) * 1e6 / PICO_PER_USD
+
+    def answered_by(self) -> str:
+        """The variant paths that answered, most used first: 'a 77%, a>b 23%'."""
+        return ", ".join(f"{path} {n / max(self.ok, 1):.0%}" for path, n in
+                         sorted(self.variants.items(), key=lambda kv: -kv[1]))
+
+
+def labelled_data(name: str) -> Dataset:
+    """The train (unlabelled), validation and test splits of a seed workload as model inputs:
+    Fashion-MNIST pixels, or Rotten Tomatoes texts as object arrays [n, 1]. Raises the
+    workload's DatasetMissing when its data package is not installed, ValueError for a name
+    not in DATA_SETS."""
+    from .optimize.optimizer import Dataset
+    from .workloads import fashion_mnist, sentiment
+
+    if name == "fashion-mnist":
+        return fashion_dataset(fashion_mnist.load())
+    if name == "sentiment":
+        s = sentiment.load()
+
+        def rows(split: sentiment.TextSplit) -> np.ndarray:
+            return np.asarray(split.text, dtype=object).reshape(-1, 1)
+
+        return Dataset(name, rows(s.train), rows(s.validation), s.validation.y, rows(s.test),
+                       s.test.y)
+    raise ValueError(f"no data set {name!r}; there are {', '.join(DATA_SETS)}")
+
+
+def fashion_dataset(data: FashionMNIST) -> Dataset:
+    from .optimize.optimizer import Dataset
+
+    return Dataset("fashion-mnist", data.train.x, data.validation.x, data.validation.y,
+                   data.test.x, data.test.y)
 
 
 def request_bodies(input_name: str, x: np.ndarray) -> list[bytes]:

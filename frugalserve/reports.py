@@ -103,10 +103,8 @@ def show_savings(s: Savings, console: Console) -> None:
         table.add_column(column, justify="left" if column in ("deployment", "answered by")
                          else "right")
     for name, r in (("naive: reference, batch 1", s.naive), (f"plan: {s.chosen}", s.plan)):
-        paths = ", ".join(f"{p} {n / max(r.ok, 1):.0%}" for p, n in
-                          sorted(r.variants.items(), key=lambda kv: -kv[1]))
         table.add_row(name, f"{r.accuracy:.4f}", format_usd(Decimal(r.usd_per_million)),
-                      f"{r.p50_ms:.1f} ms", f"{r.p99_ms:.1f} ms", paths)
+                      f"{r.p50_ms:.1f} ms", f"{r.p99_ms:.1f} ms", r.answered_by())
     console.print(table)
     console.print(f"saving: {s.factor:.1f}x cheaper per prediction as metered "
                   f"(the profiles predicted {s.estimated_factor:.1f}x), accuracy "

@@ -182,6 +182,17 @@ def _optimize_data(name: str):
         raise typer.Exit(1) from exc
 
 
+def _check_student_ledger(url: str | None) -> None:
+    """A ledger the student's training run cannot be recorded in fails now, not as a skipped
+    student after the other variants were made and profiled."""
+    import os
+
+    from .economics.training import LEDGER_ENV
+
+    if url or os.environ.get(LEDGER_ENV):
+        _open_ledger(url).dispose()
+
+
 def _numbers(text: str, kind: type, option: str) -> tuple:
     try:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
@@ -219,10 +230,10 @@ def optimize(
     batch_sizes: str = typer.Option("1,8,32,64", help="Batch sizes to profile and try as "
                                     "max_batch_size."),
     delays: str = typer.Option("1,2,5,10", help="max_queue_delay_ms values to try."),
-    calls: int = typer.Option(200, help="Timed calls per batch size when profiling."),
+    calls: int = typer.Option(200, min=1, help="Timed calls per batch size when profiling."),
     reuse_variants: bool = typer.Option(False, help="Keep variant folders that already have a "
                                         "profile.json instead of remaking them."),
-    unlabelled_rows: int = typer.Option(20_000, help="Training rows (labels unread) the "
+    unlabelled_rows: int = typer.Option(20_000, min=1, help="Training rows (labels unread) the "
                                         "student is distilled on."),
     chart: Path = typer.Option(None, help="PNG chart path (default <repo>/<model>/plan.png)."),
 ) -> None:
@@ -251,6 +262,7 @@ def optimize(
                         calls=calls, reuse=reuse_variants, unlabelled_rows=unlabelled_rows,
                         chart=chart)
     dataset = _optimize_data(data)
+    _check_student_ledger(ledger)
     console = Console()
     if not console.is_terminal:  # piped to a file: keep the tables' columns unwrapped
         console.width = max(console.width, 200)
@@ -282,8 +294,8 @@ def variants(
     candidates: str = typer.Option(None, help="Other repository models with the same inputs "
                                    "and outputs to copy in as variants, comma-separated."),
     ledger: str = typer.Option(None, help=OPT_LEDGER_HELP),
-    calls: int = typer.Option(200, help="Timed calls per batch size."),
-    unlabelled_rows: int = typer.Option(20_000, help="Training rows (labels unread) the "
+    calls: int = typer.Option(200, min=1, help="Timed calls per batch size."),
+    unlabelled_rows: int = typer.Option(20_000, min=1, help="Training rows (labels unread) the "
                                         "student is distilled on."),
 ) -> None:
     """Make int8, fp16, pruned and distilled variants into <version>/variants/ and profile each
@@ -296,6 +308,7 @@ def variants(
     from .repository import ConfigError
 
     dataset = _optimize_data(data)
+    _check_student_ledger(ledger)
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 200)

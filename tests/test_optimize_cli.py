@@ -155,3 +155,16 @@ def test_bad_arguments_are_one_clear_line(optimized, tmp_path):
                               "--data", "fashion-mnist", "--calls", "5"])
     assert bad.exit_code == 1 and "unknown device 'no-such-device'" in bad.output, bad.output
     assert sorted(p.name for p in (unpriced / "1").iterdir()) == ["model.onnx"]
+    # a ledger the student's run cannot be recorded in, and counts that profile or distil
+    # nothing sensible (-5 rows sliced all but 5): refused before any variant is made
+    fresh = tmp_path / "repo" / "fresh"
+    (fresh / "1").mkdir(parents=True)
+    shutil.copy(repo / "fm-mlp" / "1" / "model.onnx", fresh / "1" / "model.onnx")
+    for options, says in ((["--ledger", "nosuchdb://x"], "cannot open it"),
+                          (["--unlabelled-rows", "-5"], "--unlabelled-rows"),
+                          (["--calls", "0"], "--calls")):
+        bad = runner.invoke(app, ["optimize", "fresh", "--repository", str(tmp_path / "repo"),
+                                  "--data", "fashion-mnist", *options])
+        assert bad.exit_code == 2 and says in bad.output, bad.output
+        assert "Traceback" not in bad.output
+    assert sorted(p.name for p in (fresh / "1").iterdir()) == ["model.onnx"]

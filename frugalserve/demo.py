@@ -89,6 +89,7 @@ class Savings:
     estimated_factor: float  # what the search expected from the profiles
     student_training_usd: float | None
     student_saving_per_1m_usd: float | None  # student vs reference, both at the chosen batch
+    student_in_plan: bool = False  # whether the chosen plan serves the student at all
 
     @property
     def factor(self) -> float:
@@ -149,6 +150,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
 
 
 OPTIMIZED = "fmnist-mlp"
+STUDENT = "student"  # the distilled variant's name
 VERIFY_CONNECTIONS = 64  # a busy server: the plan's batches fill as the search assumed
 
 
@@ -173,7 +175,7 @@ def optimize_and_verify(repository: Path, data: fashion_mnist.FashionMNIST,
                                label="plan: standard tier", concurrency=VERIFY_CONNECTIONS,
                                progress=progress)
     profiles = {p.variant: p for p in result.variants.profiles}
-    student = profiles.get("student")
+    student = profiles.get(STUDENT)
     training = (float(student.notes["training_cost_usd"])
                 if student is not None and "training_cost_usd" in student.notes else None)
     saving = None
@@ -185,7 +187,8 @@ def optimize_and_verify(repository: Path, data: fashion_mnist.FashionMNIST,
     estimated = search.counterfactual.cost_per_1m_usd / search.chosen.cost_per_1m_usd
     return Savings(OPTIMIZED, naive, plan,
                    f"{search.chosen.label()} ({search.chosen.batching.label()})",
-                   list(search.levers), estimated, training, saving)
+                   list(search.levers), estimated, training, saving,
+                   STUDENT in search.chosen.stages)
 
 
 def label_check(truth: np.ndarray) -> Callable[[int, bytes], bool]:

@@ -119,12 +119,16 @@ def show_savings(s: Savings, console: Console) -> None:
     console.print(levers)
     if s.student_training_usd is not None:
         line = f"distilled student: trained for {format_usd(Decimal(s.student_training_usd))}"
-        if s.student_break_even is not None:
+        if s.student_break_even is None:
+            line += "; it saves nothing per prediction here, so it never pays for itself"
+        elif s.student_in_plan:
             line += (f"; it saves {format_usd(Decimal(s.student_saving_per_1m_usd))} per 1M "
                      f"predictions against the reference, so it pays for itself after "
                      f"{s.student_break_even:,.0f} predictions")
-        else:
-            line += "; it saves nothing per prediction here, so it never pays for itself"
+        else:  # a break-even of a variant nothing serves would read as a saving made
+            line += (f"; the chosen plan does not serve it, so its training is not paid back "
+                     f"(served instead of the reference, it would break even after "
+                     f"{s.student_break_even:,.0f} predictions)")
         console.print(line)
 
 

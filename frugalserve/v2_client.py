@@ -84,11 +84,4 @@ def zeros_body(metadata: dict) -> bytes:
             inputs[spec["name"]] = np.full(shape, "", dtype=object)
         else:
             inputs[spec["name"]] = np.zeros(shape, dtype=DATATYPES[spec["datatype"]])
-    return _json_body(inputs)
-
-
-def _json_body(inputs: dict[str, np.ndarray]) -> bytes:
-    # BYTES travel as JSON strings, which orjson cannot take from an object array directly
-    doc = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": datatype_of(a),
-                       "data": a.reshape(-1).tolist()} for n, a in inputs.items()]}
-    return orjson.dumps(doc)
+    return infer_body(inputs)

@@ -16,6 +16,7 @@ from datetime import date
 from pathlib import Path
 
 import loadgen
+import report
 import servers
 import workloads
 from rich.console import Console
@@ -27,7 +28,6 @@ SECONDS = 8
 CONNECTIONS = 64
 OUT = Path(__file__).resolve().parent / "out"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-MARK = "<!-- metering-bench -->"
 
 
 def main() -> int:
@@ -69,9 +69,9 @@ def main() -> int:
 
 def _publish(rates: dict[str, list[float]], cost: float) -> None:
     runs = {k: ", ".join(f"{r:,.0f}" for r in v) for k, v in rates.items()}
+    today = date.today().isoformat()
     section = "\n".join([
-        MARK,
-        f"## Metering cost, alternating runs, {date.today().isoformat()}",
+        f"## Metering cost, alternating runs, {today}",
         "",
         "- Command: `.venv/bin/python bench/metering.py` (both servers up, pinned to core 0, one "
         f"loaded at a time; wrk -t1 -c{CONNECTIONS} -d{SECONDS}s on core 1, alternating on/off "
@@ -83,17 +83,8 @@ def _publish(rates: dict[str, list[float]], cost: float) -> None:
         f"| off | {runs['off']} | {statistics.median(rates['off']):,.0f} |",
         "",
         f"Metering cost: **{100 * cost:.2f} %** of throughput (target <= 3 %).",
-        MARK.replace("<!-- ", "<!-- /"),
-        "",
     ])
-    text = BENCHMARKS.read_text()
-    end = MARK.replace("<!-- ", "<!-- /")
-    if MARK in text:
-        before, rest = text.split(MARK, 1)
-        text = before + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    BENCHMARKS.write_text(text)
+    report.update_benchmarks_md(BENCHMARKS, today, section, name="metering-bench")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import report
 import servers
 import workloads
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
+
+from frugalserve.progress import new_progress
 
 ROUNDS = 5
 SECONDS = 8
@@ -39,7 +40,7 @@ def main() -> int:
     with servers.Running(servers.FRUGAL, workload, scratch / "on", OUT / "logs" / "on.log") as on, \
             servers.Running(servers.FRUGAL_OFF, workload, scratch / "off",
                             OUT / "logs" / "off.log") as off, \
-            Progress(console=console) as progress:
+            new_progress(console) as progress:
         task = progress.add_task("metering on/off, alternating", total=2 * ROUNDS + 2)
         for running in (on, off):
             running.wait_ready()

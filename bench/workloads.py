@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from skl2onnx import to_onnx
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 
+from frugalserve.progress import new_progress
 from frugalserve.workloads import fashion_cnn, fashion_mnist
 
 FASHION_PACKAGE = "dataset-fashion-mnist"
@@ -91,11 +91,9 @@ def fashion_cnn_workload(models_dir: Path, console: Console) -> Workload:
     facts_path = models_dir / CNN_NAME / "train.json"
     cached = orjson.loads(facts_path.read_bytes()) if facts_path.exists() else {}
     if not path.exists() or cached.get("channels") != list(CNN_CHANNELS):
-        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                   TimeElapsedColumn())
         train = fashion_cnn.subset(data, CNN_TRAIN_IMAGES, len(data.validation.y),
                                    len(data.test.y))
-        with Progress(*columns, console=console) as progress:
+        with new_progress(console) as progress:
             built = fashion_cnn.build(models_dir, train, progress, epochs=CNN_EPOCHS,
                                       name=CNN_NAME, channels=CNN_CHANNELS)
         facts = {"epochs": CNN_EPOCHS, "channels": list(CNN_CHANNELS),

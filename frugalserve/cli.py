@@ -357,6 +357,8 @@ def _bad_ledger(url: str, exc: Exception) -> typer.BadParameter:
 
 def _ledger_problem(url: str, exc: Exception) -> str:
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    if "://" not in url:  # a file path, e.g. the demo's ledger.db
+        reason += f"; a SQLite file is given as sqlite:///{url}"
     return f"--ledger {_shown_url(url)}: cannot open it: {reason}"
 
 

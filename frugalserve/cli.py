@@ -237,7 +237,9 @@ def optimize(
                                         "student is distilled on."),
     chart: Path = typer.Option(None, help="PNG chart path (default <repo>/<model>/plan.png)."),
 ) -> None:
-    """Make and profile variants, calibrate cascades, search plans and batch settings, print the
+    """Find the cheapest serving plan that meets the accuracy and p99 targets.
+
+    Make and profile variants, calibrate cascades, search plans and batch settings, print the
     Pareto frontier and the levers, and write the cheapest plan meeting the targets as
     <repo>/<model>/plan.yaml."""
     from rich.console import Console
@@ -298,8 +300,10 @@ def variants(
     unlabelled_rows: int = typer.Option(20_000, min=1, help="Training rows (labels unread) the "
                                         "student is distilled on."),
 ) -> None:
-    """Make int8, fp16, pruned and distilled variants into <version>/variants/ and profile each
-    (and the reference) on the validation split, without planning."""
+    """Make and profile a model's variants, without planning.
+
+    Make int8, fp16, pruned and distilled variants into <version>/variants/ and profile each
+    (and the reference) on the validation split."""
     from rich.console import Console
 
     from .optimize.optimizer import STUDENT_MAX_ITER
@@ -548,8 +552,10 @@ def workloads_build(
     workdir: Path = typer.Option(Path("runs/sentiment"), help="Cache of the sentiment "
                                  "encoders' embeddings."),
 ) -> None:
-    """Train the workloads' reference models into a repository, record each training run with
-    its cost in the ledger, and show their validation and test metrics."""
+    """Train the workloads' reference models into a repository.
+
+    Record each training run with its cost in the ledger, and show the models' validation and
+    test metrics."""
     import os
 
     from rich.console import Console
@@ -597,7 +603,9 @@ def report(
     output: Path = typer.Option(None, "--output", "-o", help="Write json/csv/focus here "
                                 "instead of standard output."),
 ) -> None:
-    """Spend by model, version, variant, tenant and day; training vs inference; cost per 1k
+    """What inference and training cost: spend, cost per prediction, savings, budgets.
+
+    Spend by model, version, variant, tenant and day; training vs inference; cost per 1k
     predictions (marginal and amortized); utilization; savings; break-even; budgets."""
     import sys
 

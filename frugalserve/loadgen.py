@@ -41,7 +41,6 @@ class LoadSpec:
     requests: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     check: Check | None = None
-    keep_bodies: bool = False
     timeout_s: float = 30.0
     seed: int = 0
     label: str = "load"
@@ -98,7 +97,6 @@ class LoadResult:
     status: np.ndarray
     index: np.ndarray  # which body each request sent
     correct: np.ndarray  # 1 right, 0 wrong, -1 not checked
-    bodies: list[bytes] | None
     last_error: str | None = None
 
     def summary(self) -> LoadSummary:
@@ -158,7 +156,6 @@ class _Run:
         self.status: list[int] = []
         self.index: list[int] = []
         self.correct: list[int] = []
-        self.bodies: list[bytes] | None = [] if spec.keep_bodies else None
 
     async def go(self) -> LoadResult:
         spec = self.spec
@@ -188,7 +185,7 @@ class _Run:
         self._show(task, final=True)
         return LoadResult(spec, started_at, elapsed, np.array(self.latency),
                           np.array(self.status, dtype=np.int16), np.array(self.index),
-                          np.array(self.correct, dtype=np.int8), self.bodies, self.last_error)
+                          np.array(self.correct, dtype=np.int8), self.last_error)
 
     # -- offering load -----------------------------------------------------------------------
 
@@ -254,8 +251,6 @@ class _Run:
                 self.last_error = f"HTTP {status}: {body[:300].decode(errors='replace')}"
         self.index.append(i)
         self.correct.append(self._check(i, body) if status == 200 else -1)
-        if self.bodies is not None:
-            self.bodies.append(body)
 
     def _check(self, i: int, body: bytes) -> int:
         if self.spec.check is None:

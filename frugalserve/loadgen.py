@@ -95,7 +95,6 @@ class LoadResult:
     elapsed_s: float
     latency_s: np.ndarray
     status: np.ndarray
-    index: np.ndarray  # which body each request sent
     correct: np.ndarray  # 1 right, 0 wrong, -1 not checked
     last_error: str | None = None
 
@@ -154,7 +153,6 @@ class _Run:
         self.last_error: str | None = None
         self.latency: list[float] = []
         self.status: list[int] = []
-        self.index: list[int] = []
         self.correct: list[int] = []
 
     async def go(self) -> LoadResult:
@@ -184,7 +182,7 @@ class _Run:
         elapsed = time.perf_counter() - self.start
         self._show(task, final=True)
         return LoadResult(spec, started_at, elapsed, np.array(self.latency),
-                          np.array(self.status, dtype=np.int16), np.array(self.index),
+                          np.array(self.status, dtype=np.int16),
                           np.array(self.correct, dtype=np.int8), self.last_error)
 
     # -- offering load -----------------------------------------------------------------------
@@ -249,7 +247,6 @@ class _Run:
             self.failed += 1
             if status != NO_RESPONSE:  # the server's reason, for the summary
                 self.last_error = f"HTTP {status}: {body[:300].decode(errors='replace')}"
-        self.index.append(i)
         self.correct.append(self._check(i, body) if status == 200 else -1)
 
     def _check(self, i: int, body: bytes) -> int:

@@ -120,8 +120,9 @@ def naive_repository(repository: Path, model: str, into: Path) -> Path:
                     ignore=lambda _d, names: [n for n in names
                                               if n in (VARIANTS_DIR, PLAN_FILE, "plan.png")])
     config_path = into / model / CONFIG_FILE
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    config["batching"] = {**(config or {}).get("batching", {}), "max_batch_size": 1,
+    # an absent or empty config.yaml is a valid one (every setting defaulted)
+    config = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
+    config["batching"] = {**config.get("batching", {}), "max_batch_size": 1,
                           "max_queue_delay_ms": 0}
     config_path.write_text(yaml.safe_dump(config))
     return into

@@ -37,7 +37,12 @@ from rich.table import Table
 from ..progress import new_progress
 from ..repository.config import ModelConfig
 from ..repository.plan import REFERENCE, VARIANTS_DIR, variant_dir
-from ..repository.repository import CONFIG_FILE
+from ..repository.repository import (
+    CONFIG_FILE,
+    RepositoryError,
+    signature_mismatch,
+    version_folders,
+)
 from ..runtimes import ModelLoadError
 from ..runtimes.onnx import OnnxRuntime
 from ..tensors import TensorSpec
@@ -84,11 +89,10 @@ def version_dir(repository: Path, model: str, version: str | None = None) -> Pat
         if not (folder / version).is_dir():
             raise ValueError(f"{folder}: no version {version}")
         return folder / version
-    versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                      key=lambda p: int(p.name))
-    if not versions:
-        raise ValueError(f"{folder}: no version folders (expected {folder}/1/...)")
-    return versions[-1]
+    try:
+        return version_folders(folder)[-1]
+    except RepositoryError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # -- signatures ---------------------------------------------------------------------------------
@@ -100,24 +104,6 @@ def signature(folder: Path, runtime: str | None = None,
         return engine.signature()
     finally:
         engine.close()
-
-
-def signature_mismatch(expected: tuple[list[TensorSpec], list[TensorSpec]],
-                       found: tuple[list[TensorSpec], list[TensorSpec]]) -> str | None:
-    """Why `found` does not take and return the same tensors as `expected` (names, datatypes,
-    shapes; -1 matches any size), or None when it does."""
-    for kind, want, have in (("inputs", expected[0], found[0]), ("outputs", expected[1], found[1])):
-        if sorted(t.name for t in want) != sorted(t.name for t in have):
-            return f"{kind} {sorted(t.name for t in have)}, not {sorted(t.name for t in want)}"
-        by_name = {t.name: t for t in have}
-        for t in want:
-            other = by_name[t.name]
-            if other.datatype != t.datatype:
-                return f"{t.name} is {other.datatype}, not {t.datatype}"
-            if len(other.shape) != len(t.shape) or any(
-                    a != b and -1 not in (a, b) for a, b in zip(other.shape, t.shape, strict=True)):
-                return f"{t.name} has shape {list(other.shape)}, not {list(t.shape)}"
-    return None
 
 
 # -- makers -------------------------------------------------------------------------------------

@@ -90,10 +90,7 @@ class ModelRepository:
             config = ModelConfig.load(folder / CONFIG_FILE, name)
         except ConfigError as exc:
             raise RepositoryError(str(exc)) from exc
-        version_dirs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                              key=lambda p: int(p.name))
-        if not version_dirs:
-            raise RepositoryError(f"{folder}: no version folders (expected {folder}/1/...)")
+        version_dirs = version_folders(folder)
         plan = None
         if (folder / PLAN_FILE).exists():
             try:
@@ -116,6 +113,35 @@ class ModelRepository:
                 loaded.close()
             raise
         return LoadedModel(config.name, config, versions)
+
+
+def version_folders(folder: Path) -> list[Path]:
+    """A model folder's version folders, oldest (lowest number) first; at least one."""
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                   key=lambda p: int(p.name))
+    if not found:
+        raise RepositoryError(f"{folder}: no version folders (expected {folder}/1/...)")
+    return found
+
+
+Signature = tuple[list[TensorSpec], list[TensorSpec]] | tuple[tuple[TensorSpec, ...], ...]
+
+
+def signature_mismatch(expected: Signature, found: Signature) -> str | None:
+    """Why `found` does not take and return the same tensors as `expected` (names, datatypes,
+    shapes; -1 matches any size), or None when it does: what a variant must satisfy."""
+    for kind, want, have in (("inputs", expected[0], found[0]), ("outputs", expected[1], found[1])):
+        if sorted(t.name for t in want) != sorted(t.name for t in have):
+            return f"{kind} {sorted(t.name for t in have)}, not {sorted(t.name for t in want)}"
+        by_name = {t.name: t for t in have}
+        for t in want:
+            other = by_name[t.name]
+            if other.datatype != t.datatype:
+                return f"{t.name} is {other.datatype}, not {t.datatype}"
+            if len(other.shape) != len(t.shape) or any(
+                    a != b and -1 not in (a, b) for a, b in zip(other.shape, t.shape, strict=True)):
+                return f"{t.name} has shape {list(other.shape)}, not {list(t.shape)}"
+    return None
 
 
 def _open_runtime(folder: Path, config: ModelConfig, runtime: str | None,
@@ -169,13 +195,10 @@ def _load_variants(loaded: LoadedVersion, plan: Plan, vdir: Path, config: ModelC
         # tokenizer + encoder model, as long as both take and return the same tensors
         runtime = loaded.variants[variant] = _open_runtime(folder, config, None,
                                                            vdir.parent / CONFIG_FILE)
-        found_in, found_out = runtime.signature()
-        try:
-            _reconcile(loaded.inputs, found_in, "input")
-            _reconcile(loaded.outputs, found_out, "output")
-        except ValueError as exc:
+        mismatch = signature_mismatch((loaded.inputs, loaded.outputs), runtime.signature())
+        if mismatch:
             raise RepositoryError(f"{folder}: variant '{variant}' does not match the "
-                                  f"reference: {exc}") from exc
+                                  f"reference: {mismatch}")
 
 
 def _reconcile(declared: tuple[TensorSpec, ...] | None, found: list[TensorSpec],

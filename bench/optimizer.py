@@ -162,6 +162,10 @@ def main() -> int:
     parser.add_argument("--workloads", default="fashion,sentiment")
     parser.add_argument("--rebuild", action="store_true", help="train the models again")
     args = parser.parse_args()
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"--workloads: unknown {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(WORKLOADS)}")
     console = Console()
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

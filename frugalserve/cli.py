@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -54,6 +55,8 @@ def serve(
     if not isinstance(logging.getLevelName(log_level.upper()), int):
         raise typer.BadParameter("debug, info, warning, error or critical",
                                  param_hint="--log-level")
+    if not math.isfinite(max_body_mb):  # int() of it would be a traceback; the rest is checked
+        raise typer.BadParameter(f"a number of MiB, not {max_body_mb}", param_hint="--max-body-mb")
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to a user
@@ -256,8 +259,8 @@ def optimize(
         targets = Targets(max_accuracy_drop / 100, p99_ms, margin_z)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if rate is not None and rate <= 0:
-        raise typer.BadParameter("--rate must be > 0 items/s")
+    if rate is not None and not 0 < rate < math.inf:  # NaN too
+        raise typer.BadParameter("--rate must be a finite number > 0 items/s")
     settings = Settings(targets, _names(candidates), ledger_url=ledger, rate_card=rate_card,
                         batch_sizes=_numbers(batch_sizes, int, "--batch-sizes"),
                         delays_ms=_numbers(delays, float, "--delays"), rate_rps=rate,

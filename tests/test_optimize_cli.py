@@ -162,7 +162,8 @@ def test_bad_arguments_are_one_clear_line(optimized, tmp_path):
     shutil.copy(repo / "fm-mlp" / "1" / "model.onnx", fresh / "1" / "model.onnx")
     for options, says in ((["--ledger", "nosuchdb://x"], "cannot open it"),
                           (["--unlabelled-rows", "-5"], "--unlabelled-rows"),
-                          (["--calls", "0"], "--calls")):
+                          (["--calls", "0"], "--calls"),
+                          (["--rate", "nan"], "--rate")):
         bad = runner.invoke(app, ["optimize", "fresh", "--repository", str(tmp_path / "repo"),
                                   "--data", "fashion-mnist", *options])
         assert bad.exit_code == 2 and says in bad.output, bad.output

@@ -55,8 +55,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         # checked before minutes of training, not by the first load run after them
-        if not self.duration_s > 0:
-            raise ValueError(f"the duration must be positive, got {self.duration_s:g} s")
+        if not 0 < self.duration_s < float("inf"):
+            raise ValueError(f"the duration must be positive and finite, got {self.duration_s:g} s")
         if self.concurrency < 1:
             raise ValueError(f"the concurrency must be >= 1, got {self.concurrency}")
 

@@ -52,8 +52,8 @@ class LoadSpec:
             raise ValueError("give a duration or a number of requests, or the load never ends")
         # `not x > 0` refuses NaN too; a duration of 0 used to mean no limit at all, and a
         # timeout of 0 a watchdog that never slept
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise ValueError(f"the duration must be positive, got {self.duration_s:g} s")
+        if self.duration_s is not None and not 0 < self.duration_s < float("inf"):
+            raise ValueError(f"the duration must be positive and finite, got {self.duration_s:g} s")
         if self.requests is not None and self.requests < 1:
             raise ValueError(f"the number of requests must be >= 1, got {self.requests}")
         if self.rate is not None and not self.rate > 0:

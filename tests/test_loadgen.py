@@ -147,6 +147,7 @@ def test_spec_refuses_an_endless_or_empty_load() -> None:
 @pytest.mark.parametrize(("kwargs", "says"), [
     ({"duration_s": 0}, "duration must be positive"),  # once meant: no limit at all
     ({"duration_s": float("nan")}, "duration must be positive"),
+    ({"duration_s": float("inf")}, "duration must be positive and finite"),
     ({"duration_s": None, "requests": 0}, "requests must be >= 1"),
     ({"timeout_s": 0}, "timeout must be positive"),  # once: a watchdog that never slept
     ({"concurrency": 0}, "must be >= 1"),

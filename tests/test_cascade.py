@@ -58,15 +58,16 @@ def two_class_model(reference: bool) -> bytes:
     return model.SerializeToString()
 
 
-def cascade_repo(root: Path, plan: dict | str | None = PLAN) -> Path:
+def cascade_repo(root: Path, plan: dict | str | bytes | None = PLAN) -> Path:
     repo = root / "models"
     support.write_model(repo, "pair", {"1": two_class_model(reference=True)}, CONFIG)
     variant = repo / "pair" / "1" / "variants" / "cheap"
     variant.mkdir(parents=True)
     (variant / "model.onnx").write_bytes(two_class_model(reference=False))
     if plan is not None:
-        text_ = plan if isinstance(plan, str) else yaml.safe_dump(plan)
-        (repo / "pair" / "plan.yaml").write_text(text_)
+        raw = plan if isinstance(plan, bytes) else (
+            plan if isinstance(plan, str) else yaml.safe_dump(plan)).encode()
+        (repo / "pair" / "plan.yaml").write_bytes(raw)
     return repo
 
 
@@ -210,6 +211,7 @@ BAD_PLANS = [
     (_with(budget_downgrade={"spent_fraction": 0.8, "tier": "gold"}),
      "budget_downgrade.tier 'gold'"),
     ("tiers: {s: {stages: [{variant: cheap, threshold: 0.5}", "not valid YAML"),
+    (b"tiers: {standard: {stages: [{variant: caf\xe9}]}}", "not UTF-8"),
 ]
 
 

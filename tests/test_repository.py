@@ -23,11 +23,12 @@ def _good_onnx(repo, name, a, config=DIGITS_CONFIG):
     support.write_model(repo, name, {"1": a.lr_onnx}, config)
 
 
-def _raw(repo, name, version_files: dict[str, bytes], config: str | None):
+def _raw(repo, name, version_files: dict[str, bytes], config: str | bytes | None):
     folder = Path(repo) / name
     folder.mkdir(parents=True)
     if config is not None:
-        (folder / "config.yaml").write_text(config)
+        (folder / "config.yaml").write_bytes(config if isinstance(config, bytes)
+                                             else config.encode())
     for rel, data in version_files.items():
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,9 @@ BROKEN = {
     "bad_yaml": (lambda r, a: _raw(r, "bad_yaml", {"1/model.onnx": a.lr_onnx},
                                    "batching: {max_batch_size: [8\n"),
                  "bad_yaml/config.yaml", ["yaml"]),
+    "not_utf8": (lambda r, a: _raw(r, "not_utf8", {"1/model.onnx": a.lr_onnx},
+                                   b"batching: {max_batch_size: 8} # caf\xe9\n"),
+                 "not_utf8/config.yaml", ["not UTF-8"]),
     "unknown_key": (lambda r, a: _raw(r, "unknown_key", {"1/model.onnx": a.lr_onnx},
                                       "batchin:\n  max_batch_size: 8\n"),
                     "unknown_key/config.yaml", ["batchin"]),

@@ -55,12 +55,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: Path, name: str) -> ModelConfig:
-        try:
-            raw = yaml.safe_load(path.read_text()) if path.exists() else {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        raw = read_yaml(path) if path.exists() else {}
         try:
             return cls.parse(raw or {}, name)
         except (TypeError, ValueError) as exc:
@@ -98,6 +93,18 @@ class ModelConfig:
             device=device,
             parameters=parameters,
         )
+
+
+def read_yaml(path: Path) -> Any:
+    """A repository YAML file's content; ConfigError names the file when it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
 
 
 def _reject_unknown(raw: dict, known: set[str], where: str) -> None:

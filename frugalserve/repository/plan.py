@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import BatchingConfig, ConfigError, _reject_unknown, _section
+from .config import BatchingConfig, ConfigError, _reject_unknown, _section, read_yaml
 
 PLAN_FILE = "plan.yaml"
 REFERENCE = "reference"
@@ -161,12 +159,7 @@ def _check_order(tiers: dict[str, tuple[Stage, ...]]) -> None:
 def load_plan(path: Path) -> Plan:
     """Read and validate a plan file; ConfigError names the file and the problem."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    raw = read_yaml(path)
     try:
         return Plan.parse(raw)
     except (TypeError, ValueError) as exc:

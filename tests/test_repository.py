@@ -188,6 +188,25 @@ def test_a_model_that_cannot_run_does_not_take_the_server_down(tmp_path, artifac
     live.stop()
 
 
+def test_a_config_declaring_some_outputs_serves_only_those(tmp_path, artifacts):
+    """The artifact returns label and probabilities; config.yaml declares probabilities only:
+    metadata and every answer (JSON, binary, one row or many) agree on that one output."""
+    repo = tmp_path / "models"
+    support.write_model(repo, "probs", {"1": artifacts.lr_onnx}, {
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]})
+    with support.LiveServer(support.settings(repo)) as live, live.client() as c:
+        meta = c.get("/v2/models/probs").json()
+        assert [o["name"] for o in meta["outputs"]] == ["probabilities"]
+        for rows in (1, 3):
+            r = c.post("/v2/models/probs/infer",
+                       json=support.json_body({"X": artifacts.X[:rows]}))
+            assert r.status_code == 200, r.text
+            assert [o["name"] for o in r.json()["outputs"]] == ["probabilities"]
+        r = c.post("/v2/models/probs/infer",
+                   json=support.json_body({"X": artifacts.X[:1]}, outputs=["label"]))
+        assert r.status_code == 400 and "unknown output" in r.json()["error"]
+
+
 def test_config_name_must_agree_with_the_folder(tmp_path, artifacts):
     """config.yaml says `name: other` in folder `renamed`. Either the load fails saying so, or
     the model is served under one name everywhere: URL, response, metadata and metrics."""

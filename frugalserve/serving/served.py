@@ -72,6 +72,11 @@ class ServedVersion:
             (s.name, s.dtype, len(s.shape), None if -1 in s.shape[1:] else s.shape[1:], s)
             for s in self.inputs)
         self._output_names = frozenset(s.name for s in self.outputs)
+        # a config that declares some of the artifact's outputs serves only those (as its
+        # metadata says); None: it declares them all, nothing to filter
+        produced = {s.name for s in loaded.runtime.signature()[1]}
+        self._declared = (None if produced <= self._output_names
+                          else [s.name for s in self.outputs])
         self.device: DeviceConfig = config.device
         self.meter = meter
         self.stats = stats
@@ -242,8 +247,9 @@ class ServedVersion:
                     outs = {k: v[offset:end] for k, v in outputs.items()}
                 else:
                     outs = outputs
-                if request.outputs is not None:
-                    outs = {k: outs[k] for k in request.outputs}
+                wanted = request.outputs if request.outputs is not None else self._declared
+                if wanted is not None:
+                    outs = {k: outs[k] for k in wanted}
                 future.set_result(InferenceResponse(
                     self.model, self.version, outs, request.id, request.parameters, share,
                     queue_s, compute_s, batch.rows, variant))
@@ -334,8 +340,9 @@ class ServedVersion:
             status = 499
         if status == 200:
             outs = flow.outputs
-            if request.outputs is not None:
-                outs = {k: outs[k] for k in request.outputs}
+            wanted = request.outputs if request.outputs is not None else self._declared
+            if wanted is not None:
+                outs = {k: outs[k] for k in wanted}
             future.set_result(InferenceResponse(
                 self.model, self.version, outs, request.id, request.parameters, flow.cost,
                 total_s - flow.compute_s, flow.compute_s, batch_rows, _path(flow)))

@@ -34,6 +34,7 @@ import yaml
 from rich.console import Console
 
 from frugalserve.economics.ledger import sqlite_url
+from frugalserve.economics.meter import format_usd
 from frugalserve.progress import new_progress
 from frugalserve.replay import (
     Replay,
@@ -42,7 +43,6 @@ from frugalserve.replay import (
     request_bodies,
     serve_and_replay,
 )
-from frugalserve.reports import format_usd
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "optimizer"

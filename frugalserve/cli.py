@@ -480,7 +480,7 @@ def _epoch(when: datetime) -> float:
 
 
 def _usd(amount: Decimal) -> str:
-    from .reports import format_usd
+    from .economics.meter import format_usd
 
     return f"${amount:,.2f}" if amount >= 1000 else format_usd(amount, 4)
 
@@ -808,7 +808,7 @@ def budgets_list(ledger: str = typer.Option(None, help=LEDGER_HELP)) -> None:
     from rich.table import Table
 
     from .economics import budgets
-    from .serving.admission import usd
+    from .economics.meter import exact_usd as usd
 
     engine = _open_ledger(ledger)
     console = Console()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,20 +10,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .economics.meter import format_usd
 from .loadgen import LoadSummary
 
 if TYPE_CHECKING:
     from .demo import DemoResult, Phase, Savings
-
-
-def format_usd(amount: Decimal | None, digits: int = 3) -> str:
-    """Fixed notation with `digits` significant digits: $0.000000123, never 1.23e-07."""
-    if amount is None:
-        return "-"
-    if amount == 0:
-        return "$0"
-    places = max(2, digits - 1 - math.floor(math.log10(abs(float(amount)))))
-    return f"${amount:.{places}f}"
 
 
 def format_errors(errors: dict[int, int]) -> str:

@@ -29,7 +29,7 @@ from frugalserve.economics.budgets import (
     usd_to_pico,
 )
 from frugalserve.economics.ledger import open_engine
-from frugalserve.serving.admission import usd
+from frugalserve.economics.meter import exact_usd as usd
 
 GATED_CONFIG = {"batching": {"max_batch_size": 32, "max_queue_delay_ms": 2,
                              "max_queue_size": 256},

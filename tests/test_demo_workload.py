@@ -16,8 +16,8 @@ from sqlalchemy import insert
 from frugalserve import loadgen, v2_client
 from frugalserve.app import ServerSettings, ServerThread
 from frugalserve.economics.ledger import LedgerWriter, batches, open_engine, sqlite_url
+from frugalserve.economics.meter import format_usd
 from frugalserve.economics.summary import model_usage
-from frugalserve.reports import format_usd
 from frugalserve.workloads import fashion_mnist
 from frugalserve.workloads.onnx_export import INPUT_NAME, export_classifier, predict_labels
 

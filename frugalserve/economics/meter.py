@@ -7,6 +7,7 @@ attributed; pico-dollars keep four significant digits there and still sum exactl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -16,6 +17,24 @@ PICO_PER_MICRO = 10**6
 
 def pico_to_usd(pico: int) -> Decimal:
     return Decimal(pico) / PICO_PER_USD
+
+
+def format_usd(amount: Decimal | float | None, digits: int = 3) -> str:
+    """Dollars for tables: fixed notation, `digits` significant digits ($0.000000123, never
+    1.23e-07); "-" for no amount."""
+    if amount is None:
+        return "-"
+    if amount == 0:
+        return "$0"
+    places = max(2, digits - 1 - math.floor(math.log10(abs(float(amount)))))
+    return f"{'-' if amount < 0 else ''}${abs(amount):.{places}f}"
+
+
+def exact_usd(pico: int) -> str:
+    """Exact dollars for messages: $12.50, $0.000000123."""
+    text = f"{Decimal(pico).scaleb(-12):f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
 
 
 def pico_to_micro(pico: int) -> float:

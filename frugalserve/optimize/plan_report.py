@@ -3,25 +3,16 @@ levers as Rich tables, and cost against accuracy as a PNG chart."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from rich import box
 from rich.table import Table
 
+from ..economics.meter import format_usd as usd
 from .plan_search import PlanOption, SearchResult
 
 MAX_ROWS = 40  # frontier rows in the table; the chart shows all of them
-
-
-def usd(amount: float, digits: int = 3) -> str:
-    """Fixed notation with `digits` significant digits: $0.000123, never 1.23e-04 (as the
-    server's reports print dollars)."""
-    if amount == 0:
-        return "$0"
-    places = max(2, digits - 1 - math.floor(math.log10(abs(amount))))
-    return f"{'-' if amount < 0 else ''}${abs(amount):.{places}f}"
 
 
 def _thresholds(p: PlanOption) -> str:

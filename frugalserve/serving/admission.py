@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from ..economics.alerts import AlertSink
 from ..economics.budgets import Budget, list_budgets, load_budgets_file, period_bounds, spent_since
 from ..economics.keys import hash_key, load_key_table
+from ..economics.meter import exact_usd as usd
 from .errors import BudgetExceeded, Forbidden, InferenceError, Unauthorized
 from .types import ANONYMOUS, InferenceRequest
 
@@ -48,13 +49,6 @@ log = logging.getLogger("frugalserve.admission")
 
 _NEVER = 1 << 126  # a level no spend reaches
 _MAX_COMBOS = 10_000  # cached (model, tenant) → budgets entries before the cache is reset
-
-
-def usd(pico: int) -> str:
-    """Exact dollars for messages: $12.50, $0.000000123."""
-    text = f"{Decimal(pico).scaleb(-12):f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
 
 
 class Counter:

@@ -158,6 +158,10 @@ def test_formats_and_chart(tmp_path):
     assert doc["by"] == "model" and {row["model"] for row in doc["rows"]} == {"m", "n"}
     table = list(csv.DictReader(io.StringIO(r.to_csv())))
     assert {row["model"] for row in table} == {"m", "n"}
+    for row in table:  # dollars in fixed notation: spreadsheets and FOCUS tools read "0.00000"
+        assert not any("E" in v for k, v in row.items() if k.endswith("_usd")), row
+    empty = spend.build_report(engine, NOW - 10 * 365 * 86400, NOW - 9 * 365 * 86400)
+    assert empty.to_csv().startswith("model,requests,ok,errors,items,cost_pusd,cost_usd,")
     focus = list(csv.DictReader(io.StringIO(r.to_focus_csv())))
     assert list(focus[0]) == spend.FOCUS_COLUMNS
     usage = [f for f in focus if f["ChargeCategory"] == "Usage"]

@@ -18,8 +18,10 @@ What the numbers mean:
   the smallest batches observed in the window (their cost over their rows; exact when batches of
   1 were seen, an underestimate of the saving otherwise); saving = that per-row cost x rows
   served - actual cost. The batch-size histogram is kept per UTC day, so savings use the window
-  rounded out to whole days. Cache, cascade and quantization levers are not in the serving path
-  yet and report no saving (null).
+  rounded out to whole days. Variants and cascades are served (plan.yaml), and spend per
+  variant path is in the `variant` breakdown, but the report does not yet split their saving
+  from the ledger (null): `frugalserve optimize` estimates it per lever, and the replay in
+  `bench/optimizer.py` measures it against the naive deployment.
 - break-even of a training run: if its model version (else its model) has a measured saving
   per prediction, predictions needed = run cost / saving per prediction, and the date at which
   the version's prediction rate in the window reaches it; otherwise n/a.
@@ -108,7 +110,8 @@ def usd(pico: int | float | Decimal | None) -> str | None:
 def _per_1k(pico: float | int, n: int) -> str | None:
     if not n:
         return None
-    return str((Decimal(round(pico)) * 1000 / n / PICO_PER_USD).quantize(Decimal("1e-15")))
+    return format((Decimal(round(pico)) * 1000 / n / PICO_PER_USD).quantize(Decimal("1e-15")),
+                  "f")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -145,15 +148,22 @@ class Report:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2)
 
     def to_csv(self) -> str:
-        return _csv(self.rows)
+        """The breakdown's rows; the header is there even when the window is empty."""
+        economics = _ECONOMICS_COLUMNS if self.by in ("model", "version", "variant") else ()
+        return _csv(self.rows, [*_KEY_NAMES[self.by], *_SPEND_COLUMNS, *economics])
 
     def to_focus_csv(self) -> str:
         return _csv(self.focus, FOCUS_COLUMNS)
 
 
-def _csv(rows: list[dict], columns: list[str] | None = None) -> str:
+_SPEND_COLUMNS = ("requests", "ok", "errors", "items", "cost_pusd", "cost_usd",
+                  "per_1k_marginal_usd")
+_ECONOMICS_COLUMNS = ("provisioned_usd", "per_1k_amortized_usd", "utilization",
+                      "batching_saving_usd")
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
     out = io.StringIO()
-    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
@@ -371,8 +381,9 @@ def _savings(sizes, cells) -> dict[str, Any]:
     return {
         "method": "batching: for each model version and device, per-row cost at batch size 1 "
                   "= cost/rows of the smallest batches observed in the window (whole UTC days); "
-                  "saving = that x rows served - actual cost. Cache, cascade, quantization: not "
-                  "in the serving path yet (null).",
+                  "saving = that x rows served - actual cost (each variant against its own "
+                  "batch-1 cost). Cache: not built; cascade, quantization: served, but their "
+                  "saving is not split from the ledger yet (null; see plan.yaml's estimate).",
         "levers": {"batching_pusd": total, "batching_usd": usd(total),
                    "cache_pusd": None, "cascade_pusd": None, "quantization_pusd": None},
         "total_pusd": total, "total_usd": usd(total),

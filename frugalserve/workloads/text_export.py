@@ -181,18 +181,9 @@ def write_text_model(model: onnx.ModelProto, tokenizer: Path, repository: Path, 
 def predict_text(path: Path, text: Sequence[str], batch: int = 64,
                  options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """`label` and `probabilities` of a served text model, through the server's runtime, in
-    the order of `text` (batched by length: less padding)."""
-    runtime = TextRuntime(Path(path), options or {"threads": 2})
-    order = np.argsort([len(t) for t in text], kind="stable")
-    out: dict[str, np.ndarray] = {}
+    the order of `text` (the runtime runs them `batch` rows at a time, sorted by length)."""
+    runtime = TextRuntime(Path(path), {"threads": 2, **(options or {}), "chunk_rows": batch})
     try:
-        for start in range(0, len(text), batch):
-            ix = order[start:start + batch]
-            rows = np.asarray([text[i] for i in ix], dtype=object).reshape(-1, 1)
-            for key, values in runtime.predict({"text": rows}).items():
-                if key not in out:
-                    out[key] = np.empty((len(text), *values.shape[1:]), values.dtype)
-                out[key][ix] = values
+        return runtime.predict({"text": np.asarray(list(text), dtype=object).reshape(-1, 1)})
     finally:
         runtime.close()
-    return out

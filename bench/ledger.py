@@ -23,13 +23,14 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from machine import git_revision
+from report import update_benchmarks_md
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--raw-baseline", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
+    commit = git_revision(ROOT)  # at the start: the code that ran
     console = Console()
     now = time.time()
     results = []
@@ -172,7 +174,7 @@ def main() -> None:
                       "-" if r["raw_s"] is None else f"{r['raw_s']:,.1f} s", _speedup(r))
     console.print(table)
     if not args.no_record:
-        record(results, args, " ".join(["bench/ledger.py", *sys.argv[1:]]))
+        record(results, args, " ".join(["bench/ledger.py", *sys.argv[1:]]), commit)
 
 
 def _speedup(r: dict) -> str:
@@ -180,16 +182,13 @@ def _speedup(r: dict) -> str:
     return "-" if r["raw_s"] is None else f"{r['raw_s'] / r['report_s']:,.1f}x"
 
 
-def record(results: list[dict], args, command: str) -> None:
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+def record(results: list[dict], args, command: str, commit: str) -> None:
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     lines = [
-        "", f"<!-- ledger-bench {day} {args.requests} -->",
         f"## Ledger benchmark ({args.requests:,} usage records), {day}", "",
         f"- Command: `.venv/bin/python {command}`",
         f"- Machine: nproc {os.cpu_count()}, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}; frugalserve {commit} + uncommitted changes; "
+        f"Python {platform.python_version()}; frugalserve {commit}; "
         "PostgreSQL on 127.0.0.1 (same machine)",
         "- Records: written through `LedgerWriter.add_batch/add_usage` + `flush()` (the "
         "server's writer path: raw chunks and per-minute rollups in one transaction), batches "
@@ -208,9 +207,8 @@ def record(results: list[dict], args, command: str) -> None:
             f"| {r['db']} | {r['requests']:,} | {r['batches']:,} | {r['gen_s']:.0f} s | "
             f"{r['requests'] / r['gen_s']:,.0f} | {r['usage_log']:,} | {r['usage_rollup']:,} | "
             f"{r['report_s'] * 1000:,.0f} ms | {raw} | {_speedup(r)} |")
-    path = ROOT / "BENCHMARKS.md"
-    text_ = path.read_text() if path.exists() else "# Benchmarks\n"  # re-read right before
-    path.write_text(text_.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+    update_benchmarks_md(ROOT / "BENCHMARKS.md", day, "\n".join(lines),
+                         name=f"ledger-bench {args.requests}")
 
 
 if __name__ == "__main__":

@@ -230,3 +230,62 @@ def test_concurrent_two_input_requests_are_split_back_correctly(server, artifact
         for name, value in artifacts.typed_expected(*cases[i]).items():
             np.testing.assert_array_equal(outputs[name], value, err_msg=f"{i} {name}")
     assert max(sizes) > 4
+
+
+def _run_one_batch(predict, thread_cpu: bool):
+    """One request through a bare Batcher; the Batch it completed."""
+    import asyncio
+
+    from frugalserve.serving.batcher import Batcher, Pending
+
+    async def main():
+        done = []
+        b = Batcher(predict, done.append, lambda item: None, max_batch_size=4,
+                    max_queue_delay_s=0.001, max_queue_size=4, name="clock",
+                    thread_cpu=thread_cpu)
+        b.start()
+        now = time.perf_counter()
+        b.submit(Pending({"x": np.zeros((1, 2), np.float32)}, 1, now, now, None,
+                         asyncio.get_running_loop().create_future(), None))
+        while not done:
+            await asyncio.sleep(0.01)
+        await b.drain()
+        return done[0]
+
+    return asyncio.run(main())
+
+
+def test_a_single_threaded_engine_is_billed_its_cpu_time_not_its_waits():
+    """Time the worker spends not computing (here a sleep, standing for a wait on the GIL or
+    the core) is in the wall time the scheduler plans with, but not in the billed compute."""
+    def idle_then_busy(feeds):
+        time.sleep(0.05)
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+        return {"y": feeds["x"]}
+
+    billed_cpu = _run_one_batch(idle_then_busy, thread_cpu=True)
+    assert billed_cpu.wall_s >= 0.07
+    assert 0.02 <= billed_cpu.compute_s < 0.05
+    billed_wall = _run_one_batch(idle_then_busy, thread_cpu=False)
+    assert billed_wall.compute_s == billed_wall.wall_s >= 0.07
+
+
+def test_onnx_runtime_with_one_thread_computes_on_the_calling_thread(artifacts, tmp_path):
+    """What `single_threaded` promises: the caller's CPU time covers the engine's work (with a
+    pool of intra-op threads it would not, and the runtime says so)."""
+    from frugalserve.runtimes.onnx import OnnxRuntime
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(artifacts.mlp_onnx)
+    one = OnnxRuntime(path, {})
+    assert one.single_threaded
+    assert not OnnxRuntime(path, {"threads": 2}).single_threaded
+    x = np.random.default_rng(0).random((256, 64), dtype=np.float32)
+    one.predict({"X": x})
+    p0, c0 = time.process_time(), time.thread_time()
+    for _ in range(200):
+        one.predict({"X": x})
+    process, caller = time.process_time() - p0, time.thread_time() - c0
+    assert caller > 0.5 * process

@@ -45,7 +45,12 @@ def pico_to_micro(pico: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Meter:
-    """Prices busy time on a share of a device: a batch that ran t seconds costs t·P·s/3600."""
+    """Prices busy time on a share of a device: a batch that ran t seconds costs t·P·s/3600.
+
+    t is the device time the batch used. For an engine computing on one CPU thread that is
+    the thread's CPU time, not its wall time: batches and the event loop share the core, and
+    billing each batch's wall time would bill the same core-second to every batch waiting on
+    it (3-4x over in a three-stage cascade, BENCHMARKS.md)."""
 
     usd_per_hour: Decimal
     share: float

@@ -21,6 +21,9 @@ class Runtime(ABC):
 
     name: ClassVar[str]
     filename: ClassVar[str]
+    # True when predict computes only on its calling thread (one intra-op thread, on the CPU):
+    # then that thread's CPU time, not the wall time, is the device time a batch used
+    single_threaded: bool = False
 
     def __init__(self, path: Path, options: dict[str, Any]):
         self.path = path

@@ -72,6 +72,8 @@ class OnnxRuntime(Runtime):
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types for bad files
             raise ModelLoadError(f"{path}: not a loadable ONNX model: {exc}") from exc
+        self.single_threaded = (so.intra_op_num_threads == 1
+                                and self.session.get_providers() == ["CPUExecutionProvider"])
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._strings = [i.name for i in self.session.get_inputs() if i.type == "tensor(string)"]
 

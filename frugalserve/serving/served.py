@@ -89,11 +89,12 @@ class ServedVersion:
         self.batchers: dict[str, Batcher] = {}
         for variant in (plan.variants if plan is not None else [REFERENCE]):
             name = f"{model}/{loaded.version}" + ("" if variant == REFERENCE else f"/{variant}")
+            runtime = loaded.runtime_of(variant)
             self.batchers[variant] = Batcher(
-                loaded.runtime_of(variant).predict, partial(self._finish, variant),
+                runtime.predict, partial(self._finish, variant),
                 self._expired, max_batch_size=b.max_batch_size,
                 max_queue_delay_s=self.max_queue_delay_s, max_queue_size=b.max_queue_size,
-                instances=b.instances, name=name)
+                instances=b.instances, name=name, thread_cpu=runtime.single_threaded)
         self.routes = {tier: tuple((self.batchers[s.variant], s.variant, s.threshold)
                                    for s in stages)
                        for tier, stages in (plan.tiers.items() if plan is not None

@@ -96,20 +96,25 @@ def train_logreg(data: FashionMNIST, progress: Progress, max_iter: int = 100) ->
 
 
 def train_mlp(data: FashionMNIST, progress: Progress, epochs: int = 15, patience: int = 3,
-              seed: int = 0) -> MLPClassifier:
-    """One hidden layer of 128, one epoch per partial_fit, early stopping on validation
-    accuracy: keeps the best epoch, stops after `patience` epochs without a gain."""
+              seed: int = 0, holdout: int = 5_000) -> MLPClassifier:
+    """One hidden layer of 128, one epoch per partial_fit, early stopping on the accuracy of
+    the last `holdout` training rows (not fitted): keeps the best epoch, stops after `patience`
+    epochs without a gain. Not on the validation split: the optimizer calibrates cascades
+    there, and a model chosen for its validation score looks better there than it is."""
     model = MLPClassifier(hidden_layer_sizes=(128,), random_state=seed)
     classes = np.arange(len(CLASSES))
     rng = np.random.default_rng(seed)
+    cut = len(data.train) - min(holdout, len(data.train) // 10)
+    fit_x, fit_y = data.train.x[:cut], data.train.y[:cut]
+    stop_x, stop_y = data.train.x[cut:], data.train.y[cut:]
     task = progress.add_task("train fmnist-mlp (128 hidden, adam)", total=epochs)
     best, best_acc, best_epoch, stale = model, -1.0, 0, 0
     for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(data.train))
-        model.partial_fit(data.train.x[order], data.train.y[order], classes=classes)
-        acc = float((model.predict(data.validation.x) == data.validation.y).mean())
+        order = rng.permutation(len(fit_y))
+        model.partial_fit(fit_x[order], fit_y[order], classes=classes)
+        acc = float((model.predict(stop_x) == stop_y).mean())
         progress.update(task, advance=1,
-                        description=f"train fmnist-mlp (epoch {epoch}, val acc {acc:.3f})")
+                        description=f"train fmnist-mlp (epoch {epoch}, held-out acc {acc:.3f})")
         if acc > best_acc:
             best, best_acc, best_epoch, stale = copy.deepcopy(model), acc, epoch, 0
         else:
@@ -117,7 +122,7 @@ def train_mlp(data: FashionMNIST, progress: Progress, epochs: int = 15, patience
             if stale >= patience:
                 break
     progress.update(task, completed=epochs, description=f"train fmnist-mlp (kept epoch "
-                    f"{best_epoch} of {epoch}, val acc {best_acc:.3f})")
+                    f"{best_epoch} of {epoch}, held-out acc {best_acc:.3f})")
     return best
 
 

@@ -47,6 +47,12 @@ def _per_1m(ms: float, batch: int) -> float:
     return Meter(PRICE.usd_per_hour, PRICE.share).cost(ms / 1000) / batch * 1e6 / PICO_PER_USD
 
 
+def _ref_at(rows: float) -> tuple[float, float]:
+    """The reference's mean and p99 ms at a fractional batch size, interpolated."""
+    return (float(np.interp(rows, [1, 8, 64], [1.0, 2.0, 8.0])),
+            float(np.interp(rows, [1, 8, 64], [1.5, 3.0, 12.0])))
+
+
 def test_cost_per_1m_is_the_meters_arithmetic():
     assert PRICE.usd_per_1m(8.0, 64) == pytest.approx(_per_1m(8.0, 64))
     assert PRICE.usd_per_1m(8.0, 64) == pytest.approx(0.00625)  # 0.125 ms x 5e7 pico/s
@@ -59,9 +65,12 @@ def test_the_known_cheapest_plan_is_chosen():
     assert chosen.thresholds == (pytest.approx(0.9),)
     assert chosen.batching == Batching(64, 1.0)  # the shorter delay: same cost, lower p99
     assert chosen.accuracy == pytest.approx(0.9) and chosen.reach == (1.0, pytest.approx(0.2))
-    assert chosen.cost_per_1m_usd == pytest.approx(_per_1m(1.0, 64) + 0.2 * _per_1m(8.0, 64))
+    # the reference stage runs the escalated 20% of each batch: 12.8 rows
+    assert chosen.batch_rows == (64.0, pytest.approx(12.8))
+    assert chosen.cost_per_1m_usd == pytest.approx(
+        _per_1m(1.0, 64) + 0.2 * PRICE.usd_per_1m(_ref_at(12.8)[0], 12.8))
     # 80% answered at stage 1 < 99%: the tail is the escalated path through both batchers
-    assert chosen.p99_ms == pytest.approx(1.0 + 1.5 + 1.0 + 12.0)
+    assert chosen.p99_ms == pytest.approx(1.0 + 1.5 + 1.0 + _ref_at(12.8)[1])
     assert result.counterfactual.stages == ("reference",)
     assert result.counterfactual.batching == Batching(1, 0.0)
     assert result.counterfactual.cost_per_1m_usd == pytest.approx(_per_1m(1.0, 1))
@@ -80,14 +89,14 @@ def test_tiers_share_the_chosen_batching():
 
 
 def test_the_p99_target_rules_out_slow_batches():
-    result = search(_variants(), PRICE, Targets(0.0, 10.0), delays_ms=(1.0, 5.0))
+    result = search(_variants(), PRICE, Targets(0.0, 6.0), delays_ms=(1.0, 5.0))
     chosen = result.chosen
-    assert chosen.p99_ms <= 10.0
+    assert chosen.p99_ms <= 6.0
     assert chosen.stages == ("fast", "reference") and chosen.batching == Batching(8, 1.0)
-    assert chosen.p99_ms == pytest.approx(1.0 + 0.9 + 1.0 + 3.0)
+    assert chosen.p99_ms == pytest.approx(1.0 + 0.9 + 1.0 + _ref_at(1.6)[1])
     cheaper = [p for p in result.plans if p.cost_per_1m_usd < chosen.cost_per_1m_usd
                and p.accuracy >= 0.9 - 1e-9]
-    assert cheaper and all(p.p99_ms > 10.0 for p in cheaper)
+    assert cheaper and all(p.p99_ms > 6.0 for p in cheaper)
 
 
 def test_no_plan_when_the_p99_target_is_out_of_reach():
@@ -158,7 +167,7 @@ def test_the_levers_add_up_to_the_saving():
     assert levers["batching"].usd_per_1m == pytest.approx(_per_1m(1.0, 1) - _per_1m(8.0, 64))
     assert levers["variant"].usd_per_1m == pytest.approx(0.0)  # no single variant is cheaper
     assert levers["cascade"].usd_per_1m == pytest.approx(
-        _per_1m(8.0, 64) - _per_1m(1.0, 64) - 0.2 * _per_1m(8.0, 64))
+        _per_1m(8.0, 64) - _per_1m(1.0, 64) - 0.2 * PRICE.usd_per_1m(_ref_at(12.8)[0], 12.8))
     assert result.saving_factor == pytest.approx(
         result.counterfactual.cost_per_1m_usd / result.chosen.cost_per_1m_usd)
 
@@ -169,7 +178,9 @@ def test_few_escalations_stay_out_of_the_p99():
     rare = evaluate_option((fast, ref), (0.5,), 0.9, (1.0, 0.005), batching, PRICE)
     assert rare.p99_ms == pytest.approx(2.0 + 0.9)  # 99.5% answered by stage 1
     common = evaluate_option((fast, ref), (0.5,), 0.9, (1.0, 0.02), batching, PRICE)
-    assert common.p99_ms == pytest.approx(2.0 + 0.9 + 2.0 + 3.0)
+    # 2% of a batch of 8 escalate: the reference runs them as batches of one
+    assert common.batch_rows == (8.0, 1.0)
+    assert common.p99_ms == pytest.approx(2.0 + 0.9 + 2.0 + 1.5)
 
 
 def test_an_arrival_rate_sizes_each_stages_batches():

@@ -15,6 +15,7 @@ from frugalserve.optimize.plan_search import (
     Price,
     Targets,
     VariantStats,
+    chains,
     evaluate_option,
     pareto,
     plan_document,
@@ -170,6 +171,19 @@ def test_the_levers_add_up_to_the_saving():
         _per_1m(8.0, 64) - _per_1m(1.0, 64) - 0.2 * PRICE.usd_per_1m(_ref_at(12.8)[0], 12.8))
     assert result.saving_factor == pytest.approx(
         result.counterfactual.cost_per_1m_usd / result.chosen.cost_per_1m_usd)
+
+
+def test_a_last_stage_may_be_a_little_less_accurate_than_the_reference():
+    """A cheap copy 0.2 points below the reference ends chains when the search calibrates for
+    drops that large, never when it calibrates for none."""
+    reference, fast, _slow = _variants()
+    near = VariantStats("int8", 0.898, {1: 0.6, 8: 1.2, 64: 5.0}, {1: 0.9, 8: 1.8, 64: 7.0},
+                        reference.correct, reference.confidence)
+    costs = {"fast": 1.0, "int8": 5.0, "reference": 8.0}
+    ends = {c[-1].name for c in chains([reference, fast, near], costs, reference, 0.005)}
+    assert ends == {"int8", "reference"}
+    ends = {c[-1].name for c in chains([reference, fast, near], costs, reference, 0.0)}
+    assert ends == {"reference"}
 
 
 def test_few_escalations_stay_out_of_the_p99():

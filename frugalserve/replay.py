@@ -131,16 +131,16 @@ def naive_repository(repository: Path, model: str, into: Path) -> Path:
 def serve_and_replay(repository: Path, model: str, bodies: Sequence[bytes], labels: np.ndarray,
                      ledger_url: str, *, label: str, concurrency: int = 16,
                      progress: Progress | None = None) -> tuple[Replay, int]:
-    """Start a server on `repository`, replay, stop it (the ledger flushes); also the ledger's
-    total for the model's requests answered since the start, to check the responses against
-    (pico-dollars)."""
+    """Start a server on `repository` (a process of its own), replay, stop it (the ledger
+    flushes); also the ledger's total for the model's requests answered since the start, to
+    check the responses against (pico-dollars)."""
     from sqlalchemy import func, select
 
-    from .app import ServerSettings, ServerThread
     from .economics.ledger import open_engine, usage
+    from .server_process import ServerProcess
 
     since = time.time()
-    with ServerThread(ServerSettings(repository, ledger_url, poll_interval_s=None)) as server:
+    with ServerProcess(repository, ledger_url) as server:
         result = replay(v2_client.infer_url(server.url, model), bodies, labels,
                         concurrency=concurrency, label=label, progress=progress)
     engine = open_engine(ledger_url)

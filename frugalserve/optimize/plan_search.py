@@ -1,8 +1,8 @@
 """Plan search: the cheapest way to serve a model that meets an accuracy and a p99 target.
 
 Candidate plans are single variants and cascades (chains of 2-3 variants, cheaper first, the last
-one the reference or a variant within the largest calibrated drop of it), each under every batch setting
-(`max_batch_size` among the profiled batch sizes, a few `max_queue_delay_ms`). A cascade's
+one the reference or a variant within the largest calibrated drop of it), each under every batch
+setting (`max_batch_size` among the profiled batch sizes, a few `max_queue_delay_ms`). A cascade's
 thresholds are calibrated (`cascade.calibrate`) at several levels of drop (none, half, all and
 twice the allowed drop), with the stage costs of that batch size.
 

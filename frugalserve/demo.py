@@ -26,7 +26,6 @@ import numpy as np
 from rich.console import Console
 
 from . import loadgen, v2_client
-from .app import ServerSettings, ServerThread
 from .economics.ledger import open_engine, sqlite_url
 from .economics.ratecard import RateCard
 from .economics.summary import ModelUsage, model_usage
@@ -35,6 +34,7 @@ from .optimize.plan_search import Lever, Targets
 from .progress import new_progress
 from .replay import Replay, fashion_dataset, naive_repository, request_bodies, serve_and_replay
 from .repository.plan import REFERENCE
+from .server_process import ServerProcess
 from .workloads import fashion_mnist
 from .workloads.onnx_export import INPUT_NAME
 
@@ -130,8 +130,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         bodies = request_bodies(INPUT_NAME, data.test.x)
         check = label_check(data.test.y)
         task = progress.add_task("start server", total=1)
-        settings = ServerSettings(repository, ledger_url, poll_interval_s=None)
-        with ServerThread(settings) as server:
+        with ServerProcess(repository, ledger_url) as server:
             progress.update(task, completed=1, description=f"server on {server.url}")
             for model in models:
                 url = v2_client.infer_url(server.url, model.name)

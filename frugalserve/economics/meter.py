@@ -1,7 +1,7 @@
 """Cost attribution: what a batch cost, and each request's exact share of it.
 
 Money is integer pico-dollars (1e-12 USD). Integer micro-dollars, as first designed, round a
-small model's prediction to zero (the demo's Fashion-MNIST MLP: about 3e-5 micro-dollars, 29
+small model's prediction to zero (the demo's Fashion-MNIST MLP: about 6e-5 micro-dollars, 62
 pico-dollars, under load), so nothing could be attributed; pico-dollars keep two to four
 significant digits there and still sum exactly.
 """

@@ -289,3 +289,60 @@ def test_onnx_runtime_with_one_thread_computes_on_the_calling_thread(artifacts, 
         one.predict({"X": x})
     process, caller = time.process_time() - p0, time.thread_time() - c0
     assert caller > 0.5 * process
+
+
+def test_the_preferred_batch_size_is_the_cheapest_per_row():
+    from frugalserve.serving.batcher import ExecProfile
+
+    profile = ExecProfile(64)
+    for rows, seconds in ((1, 0.001), (16, 0.008), (32, 0.018), (64, 0.036)):
+        profile.observe(rows, seconds)
+    assert profile.preferred == 16  # 0.5 ms a row against 0.56 at 32 and 64
+    flat = ExecProfile(64)
+    for rows, seconds in ((16, 0.008), (64, 0.033)):  # 16 is only 3% cheaper a row
+        flat.observe(rows, seconds)
+    assert flat.preferred == 64
+    assert ExecProfile(100).preferred == 100  # nothing measured yet: the largest
+
+
+def test_batches_are_cut_at_the_preferred_size_and_a_larger_request_still_runs_whole():
+    """40 one-row requests and one 24-row request queue behind a busy engine whose profile
+    prefers 16 rows: no batch holds more than 16 rows, except the 24-row request, alone."""
+    import asyncio
+
+    from frugalserve.serving.batcher import Batcher, Pending
+
+    async def main():
+        done: list = []
+
+        def predict(feeds):  # 0.5 ms a row up to 16 rows, 0.6 beyond
+            rows = len(feeds["x"])
+            time.sleep(rows * (0.0005 if rows <= 16 else 0.0006))
+            return {"y": feeds["x"]}
+
+        b = Batcher(predict, done.append, lambda item: None, max_batch_size=64,
+                    max_queue_delay_s=0.05, max_queue_size=100, name="preferred")
+        for rows in (1, 16, 64):
+            b.profile.observe(rows, rows * (0.0005 if rows <= 16 else 0.0006))
+        b.start()
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures = []
+        for i, rows in enumerate([1] * 20 + [24] + [1] * 20):
+            fut = loop.create_future()
+            futures.append(fut)
+            b.submit(Pending({"x": np.full((rows, 1), i, np.float32)}, rows, now, now + 0.05,
+                             None, fut, None))
+        while sum(len(batch.items) for batch in done) < len(futures):
+            await asyncio.sleep(0.005)
+        await b.drain()
+        return done
+
+    batches = asyncio.run(main())
+    sizes = [batch.rows for batch in batches]
+    assert sizes == [16, 4, 24, 16, 4]  # the 24-row request does not fit beside the 4
+    assert len(batches[2].items) == 1
+    # every request got its own rows back
+    for batch in batches:
+        for item in batch.items:
+            assert item.future.done() or batch.outputs is not None

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from types import TracebackType
 
 from machine import process_cpu_seconds
 from workloads import Workload
+
+from frugalserve.server_process import free_port
 
 SERVER_CORE = 0
 BENCH = Path(__file__).resolve().parent
@@ -50,12 +51,6 @@ class Server:
     # base URL -> the server's own cumulative counters (requests, batches, busy_seconds)
     counters: Callable[[str], dict[str, float]] | None = None
     binary: bool = False  # the load sends V2 binary-extension requests instead of JSON
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _frugalserve(metering: bool) -> Callable[[Workload, int, Path], Launch]:

@@ -202,7 +202,7 @@ def label_check(truth: np.ndarray) -> Callable[[int, bytes], bool]:
 
 def _price(ledger_url: str, runs: list[tuple[str, loadgen.LoadResult]]) -> list[Phase]:
     engine = open_engine(ledger_url)
-    card = RateCard.load()  # the server's card: ServerSettings got no override
+    card = RateCard.load()  # the server's card: ServerProcess passes no override
     try:
         phases = []
         for name, run in runs:

@@ -26,7 +26,8 @@ SERVER_CORE = 0
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,7 +39,7 @@ class ServerProcess:
     flushes the ledger) and restore this process's cores."""
 
     def __init__(self, repository: Path, ledger_url: str, *, ready_timeout_s: float = 300.0):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.repository = Path(repository)
         self.ledger_url = ledger_url
@@ -53,10 +54,10 @@ class ServerProcess:
                 "--log-level", "warning"]
         cores = os.sched_getaffinity(0)
         pin = SERVER_CORE in cores and len(cores) > 1
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {SERVER_CORE})) if pin else None)
-        if pin:
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        if pin:  # by pid, not preexec_fn (unsafe in a process with threads); before it serves
+            os.sched_setaffinity(self.process.pid, {SERVER_CORE})
             self._cores = cores
             os.sched_setaffinity(0, cores - {SERVER_CORE})
         try:

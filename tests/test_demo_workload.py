@@ -169,3 +169,22 @@ def test_v2_bodies_round_trip(tmp_path: Path) -> None:
     assert len(v2_client.bodies_from_file(tmp_path / "reqs.json")) == 2
     meta = {"inputs": [{"name": "X", "datatype": "INT64", "shape": [-1, 2]}]}
     assert orjson.loads(v2_client.zeros_body(meta))["inputs"][0]["shape"] == [1, 2]
+
+
+def test_the_mlp_never_looks_at_the_validation_split() -> None:
+    """The optimizer calibrates cascade thresholds on the validation split, so the MLP must not
+    be chosen there: its early stopping reads a held-out slice of train. Two different
+    validation splits give the very same model."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 300)
+    x = (rng.random((300, 784)) * 0.2 + (y[:, None] == np.arange(784) % 10) * 0.5)
+    train = fashion_mnist.Split(x.astype(np.float32), y.astype(np.int64))
+    models = []
+    # true labels reward every further epoch; shifted labels punish it: stopping on the
+    # validation split would keep the last epoch in one run and the first in the other
+    for shift in (0, 1):
+        validation = fashion_mnist.Split(train.x[:100], (train.y[:100] + shift) % 10)
+        data = fashion_mnist.FashionMNIST(train, validation, validation)
+        models.append(fashion_mnist.train_mlp(data, QUIET, epochs=4, patience=1))
+    for a, b in zip(models[0].coefs_, models[1].coefs_, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -17,6 +17,7 @@ from conftest import DIGITS_CONFIG
 from ledger_support import rows as query
 
 from frugalserve.app import ServerThread
+from frugalserve.server_process import free_port
 
 
 def _count(url: str, sql: str) -> int:
@@ -95,19 +96,13 @@ def test_settings_out_of_range_are_refused_before_serving(small_repo, kw, port, 
         ServerThread(support.settings(small_repo, metering=False, **kw), port=port)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve_and_sigterm(small_repo, tmp_path, artifacts):
     """`frugalserve serve` (the native server): serves, then on SIGTERM stops cleanly with every
     usage record written."""
     repo = tmp_path / "cli-models"
     support.write_model(repo, "digits", {"1": artifacts.lr_onnx}, DIGITS_CONFIG)
     ledger = f"sqlite:///{tmp_path / 'cli-ledger.db'}"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "frugalserve.cli", "serve", str(repo), "--port", str(port),
          "--ledger", ledger, "--poll-interval", "0", "--log-level", "warning"],
@@ -156,7 +151,7 @@ def test_cli_serve_explains_why_it_cannot_start(tmp_path, small_repo):
             "connection",
     }
     for args, words in cases.items():
-        result = runner.invoke(app, ["serve", *args, "--port", str(_free_port())])
+        result = runner.invoke(app, ["serve", *args, "--port", str(free_port())])
         assert result.exit_code == 1, result.output
         assert "cannot start" in result.output and words in result.output
         assert "Traceback" not in result.output

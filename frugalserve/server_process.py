@@ -2,10 +2,10 @@
 
 A server on a thread of the process that drives its load shares that process's GIL with the
 load generator: its worker threads then wait for the GIL behind client code, and on a machine
-of two cores a worker that waits so burned 17x the CPU of its predict call (a 26-row logistic
-regression: 0.26 ms against 0.015 ms alone). Costs and throughput measured that way are the
-client's as much as the server's. Here the server runs alone on core 0 and this process keeps
-to the other cores while it runs, as the serving benchmark places them.
+of two cores a worker that waits so burns CPU itself: 9.7x the thread CPU time of the same
+predict call alone (bench/gil_wait.py, BENCHMARKS.md). Costs and throughput measured that way
+are the client's as much as the server's. Here the server runs alone on core 0 and this process
+keeps to the other cores while it runs, as the serving benchmark places them.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class Meter:
     t is the device time the batch used. For an engine computing on one CPU thread that is
     the thread's CPU time, not its wall time: batches and the event loop share the core, and
     billing each batch's wall time would bill the same core-second to every batch waiting on
-    it (3-4x over in a three-stage cascade, BENCHMARKS.md)."""
+    it (beside a busy thread on one core, the sum of wall times was 5.7x the thread's CPU time:
+    bench/gil_wait.py, BENCHMARKS.md)."""
 
     usd_per_hour: Decimal
     share: float

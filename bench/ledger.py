@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from frugalserve.economics import report as spend  # noqa: E402
-from frugalserve.economics.ledger import LedgerWriter, open_engine  # noqa: E402
+from frugalserve.economics.ledger import LedgerWriter, UsageChunk, open_engine  # noqa: E402
 from frugalserve.progress import new_progress  # noqa: E402
 
 PG_URL = os.environ.get("FRUGALSERVE_BENCH_PG_URL",
@@ -59,7 +59,6 @@ def generate(url: str, n_requests: int, now: float,
     rng = random.Random(42)
     span = DAYS * 86400 - 120
     start = now - DAYS * 86400 + 60
-    ids = writer.ids
     done = batches = pending = paid = 0
     t0 = time.perf_counter()
     with new_progress(console) as progress:
@@ -69,18 +68,19 @@ def generate(url: str, n_requests: int, now: float,
             ts = start + span * done / n_requests
             model, version = MODELS[batches % len(MODELS)]
             compute_ms = 0.2 + 0.05 * size
-            batch_id = next(ids)
+            batch_id = writer.reserve_ids()
             records = []
             total = 0
             for k in range(size):
                 cost = 40_000 + 7 * k
                 total += cost
-                records.append((next(ids), f"req-{done + k}", ts, TENANTS[(done + k) % 10], 1,
-                                0.3, 1.2, cost, 200 if (done + k) % 97 else 500))
+                records.append((writer.reserve_ids(), f"req-{done + k}", ts,
+                                TENANTS[(done + k) % 10], 1, 0.3, 1.2, cost,
+                                200 if (done + k) % 97 else 500))
             writer.add_batch((batch_id, ts, model, version, None, "aws-c7i.large", "on_demand", 0.5,
                               size, size, compute_ms, total))
-            writer.add_usage((next(ids), ts, model, version, None, batch_id, size, compute_ms,
-                              tuple(records)))
+            writer.add_usage(UsageChunk(writer.reserve_ids(), ts, model, version, None,
+                                        batch_id, size, compute_ms, tuple(records)))
             done += size
             paid += total
             batches += 1

@@ -12,6 +12,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from frugalserve.economics.ledger import ChunkTotals, UsageChunk
+
 PG_URL = os.environ.get("FRUGALSERVE_TEST_PG_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -59,22 +61,30 @@ def write_batch(writer, ts: float, model: str, version: str,
                 device: str = "aws-c7i.large", pricing: str = "on_demand",
                 share: float = 0.5) -> int:
     """One batch of `requests` = [(tenant, items, cost_pusd, status)], as ServedVersion records
-    it; its cost is the sum of its requests'. Returns the batch id."""
-    batch_id = next(writer.ids)
+    it (ids, arrivals and totals left to the chunk: each waited 1 ms, the batch ran 1 ms); its
+    cost is the sum of its requests'. Returns the batch id."""
+    batch_id = writer.reserve_ids()
     size = sum(r[1] for r in requests)
+    cost = sum(r[2] for r in requests)
     writer.add_batch((batch_id, ts, model, version, None, device, pricing, share, size,
-                      len(requests), compute_ms, sum(r[2] for r in requests)))
-    records = tuple((next(writer.ids), f"r{next(_rid)}", ts, tenant, items, 1.0, 2.0, cost,
-                     status) for tenant, items, cost, status in requests)
-    writer.add_usage((next(writer.ids), ts, model, version, None, batch_id, size, compute_ms,
-                      records))
+                      len(requests), compute_ms, cost))
+    records = tuple((None, f"r{next(_rid)}", None, tenant, items, 1.0, None, pico, status)
+                    for tenant, items, pico, status in requests)
+    tenants = {r[0] for r in requests}
+    totals = (ChunkTotals(requests[0][0], 1.0, 1.0, float(len(requests)),
+                          sum(r[3] == 200 for r in requests), size, cost)
+              if len(tenants) == 1 else None)
+    writer.add_usage(UsageChunk(writer.reserve_ids(len(records) + 1), ts, model, version, None,
+                                batch_id, size, compute_ms, records, done_at=ts + 0.002,
+                                run_ms=1.0, totals=totals))
     return batch_id
 
 
 def write_rejected(writer, ts: float, model: str, version: str, tenant: str,
                    status: int = 503) -> None:
-    record = (next(writer.ids), f"r{next(_rid)}", ts, tenant, 0, 0.0, 1.0, 0, status)
-    writer.add_usage((next(writer.ids), ts, model, version, None, None, 0, 0.0, (record,)))
+    record = (writer.reserve_ids(), f"r{next(_rid)}", ts, tenant, 0, 0.0, 1.0, 0, status)
+    writer.add_usage(UsageChunk(writer.reserve_ids(), ts, model, version, None, None, 0, 0.0,
+                                (record,)))
 
 
 def rows(url: str, sql: str, **params) -> list[tuple]:

@@ -15,7 +15,13 @@ from sqlalchemy import insert
 
 from frugalserve import loadgen, v2_client
 from frugalserve.app import ServerSettings, ServerThread
-from frugalserve.economics.ledger import LedgerWriter, batches, open_engine, sqlite_url
+from frugalserve.economics.ledger import (
+    LedgerWriter,
+    UsageChunk,
+    batches,
+    open_engine,
+    sqlite_url,
+)
 from frugalserve.economics.meter import format_usd
 from frugalserve.economics.summary import model_usage
 from frugalserve.workloads import fashion_mnist
@@ -112,10 +118,10 @@ def test_loadgen_against_the_server_agrees_with_the_ledger(served_repo, tmp_path
     assert tiny.cost_pusd > 0 and tiny.device == "aws-c7i.large" and tiny.share == 0.5
 
 
-def _usage(ts: float, model: str, status: int, cost: int, n: int) -> tuple:
+def _usage(ts: float, model: str, status: int, cost: int, n: int) -> UsageChunk:
     """A one-request usage chunk, as the server hands it to the ledger writer."""
-    request = [n, None, ts, "t", 1, 0.0, 1.0, cost, status]
-    return (100 + n, ts, model, "1", None, None, 1, 1.0, [request])
+    request = (n, None, ts, "t", 1, 0.0, 1.0, cost, status)
+    return UsageChunk(100 + n, ts, model, "1", None, None, 1, 1.0, (request,))
 
 
 def _batch(ts: float, model: str, size: int, compute_ms: float, n: int) -> dict:

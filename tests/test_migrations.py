@@ -10,6 +10,8 @@ from ledger_support import (  # noqa: F401 - fixtures
     ledger_url_fixture,
     pg_url_fixture,
     rows,
+    write_batch,
+    write_rejected,
 )
 from sqlalchemy import MetaData, Table, create_engine, inspect, text
 from typer.testing import CliRunner
@@ -29,6 +31,7 @@ from frugalserve.economics.ledger import (
 
 V0001 = import_module("frugalserve.economics.migrations.versions.0001_initial")
 
+T0 = 1_790_000_000.0
 OWN = ("replicas", "usage_log", "batches", "training_runs", "usage_rollup", "batch_rollup",
        "batch_size_rollup")
 
@@ -141,3 +144,35 @@ def test_a_first_ledger_with_a_usage_table_gets_the_view_and_keeps_its_rows(ledg
     assert rows(ledger_url, "SELECT count(*) FROM usage") == [(0,)]
     assert rows(ledger_url, "SELECT model, cost_pusd FROM usage_rows_v0") == [("m", 5)]
     engine.dispose()
+
+
+def test_derived_request_fields_read_the_same_before_and_after_a_downgrade(ledger_url):
+    """0005: a batch's records leave id, ts and total_ms to the chunk. The view derives them,
+    and a downgrade to 0004 writes them into the records, so the view reads the same."""
+    engine = open_engine(ledger_url)
+    writer = LedgerWriter(engine, flush_interval_s=3600)
+    batch_id = write_batch(writer, T0, "m", "1", [("acme", 1, 5, 200), ("acme", 2, 7, 200)],
+                           compute_ms=3.0)
+    write_rejected(writer, T0 + 1, "m", "1", "globex")
+    writer.close()
+    sql = ("SELECT id, ts, tenant, items, queue_ms, total_ms, cost_pusd, status, batch_id "
+           "FROM usage ORDER BY id")
+    before = rows(ledger_url, sql)
+    # the batch's chunk id is the one after the batch's; its records follow it
+    assert [r[0] for r in before[:2]] == [batch_id + 2, batch_id + 3]
+    for r in before[:2]:  # each waited 1 ms; the batch ran 1 ms after dispatch, done at T0+2ms
+        assert r[4] == 1.0 and abs(r[5] - 2.0) < 1e-9 and abs(r[1] - T0) < 1e-6
+        assert r[8] == batch_id
+    assert before[2][2:] == ("globex", 0, 0.0, 1.0, 0, 503, None)
+    from alembic import command
+
+    with engine.begin() as conn:
+        cfg = migrations.config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+    after = rows(ledger_url, sql)
+    assert [r[0] for r in after] == [r[0] for r in before]
+    for a, b in zip(after, before, strict=True):
+        assert a[2:] == b[2:] and abs(a[1] - b[1]) < 1e-6 and abs(a[5] - b[5]) < 1e-9
+    migrations.upgrade(engine)
+    assert rows(ledger_url, sql) == after

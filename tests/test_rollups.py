@@ -21,7 +21,13 @@ from ledger_support import (  # noqa: F401 - fixtures
     write_rejected,
 )
 
-from frugalserve.economics.ledger import LedgerWriter, open_engine, prune, rollup_usage
+from frugalserve.economics.ledger import (
+    LedgerWriter,
+    UsageChunk,
+    open_engine,
+    prune,
+    rollup_usage,
+)
 
 T0 = 1_790_000_000.0  # a fixed epoch second: minutes and days land where the test says
 
@@ -31,7 +37,7 @@ def _writer(url: str) -> LedgerWriter:
 
 
 def test_rollup_usage_aggregates_per_minute_and_tenant():
-    chunk = (1, T0, "m", "1", "int8>reference", 7, 3, 4.0, (
+    chunk = UsageChunk(1, T0, "m", "1", "int8>reference", 7, 3, 4.0, (
         (2, "a", T0 + 1, "acme", 2, 1.0, 5.0, 10, 200),
         (3, "b", T0 + 2, "acme", 1, 2.0, 6.0, 5, 200),
         (4, "c", T0 + 61, "globex", 1, 3.0, 7.0, 0, 500)))

@@ -15,9 +15,10 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from decimal import Decimal
-from itertools import count
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 from sqlalchemy import (
@@ -65,6 +66,10 @@ replicas = Table(
 # batch's requests as a JSON array of [id, request_id, ts, tenant, items, queue_ms, total_ms,
 # cost_pusd, status]. A row per request costs SQLite ~3 us of the server's core to write; a
 # chunk costs well under 1 us per request. The `usage` view below gives one row per request.
+# A record may leave id, ts and total_ms null: the view derives them from the chunk (id: the
+# chunk's id + its place, from 1; total_ms: queue_ms + the chunk's run_ms; ts: the chunk's
+# done_at - total_ms). A batch's own requests are written so: fewer numbers to encode and store,
+# the most part of what metering costs per request.
 REQUEST_FIELDS = ("id", "request_id", "ts", "tenant", "items", "queue_ms", "total_ms",
                   "cost_pusd", "status")
 
@@ -80,6 +85,8 @@ usage_log = Table(
     Column("batch_id", BigInteger),  # null: the requests never ran (rejected, expired)
     Column("batch_size", Integer, nullable=False),
     Column("compute_ms", Float, nullable=False),
+    Column("done_at", Float),  # epoch seconds the batch's answers went out
+    Column("run_ms", Float),  # from the batch's dispatch to its answers (same for each request)
     Column("requests", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
 )
 
@@ -240,12 +247,55 @@ training_runs = Table(
 )
 
 
-# Records are plain tuples in column order (a tuple literal costs a tenth of a NamedTuple on
-# the hot path): a batch row as `batches`, a usage chunk as `usage_log` with `requests` a list
-# of lists in REQUEST_FIELDS order.
+# A batch record is a plain tuple in `batches` column order, and so is each request record of
+# a chunk (REQUEST_FIELDS order): they are made per request, where a tuple literal costs a tenth
+# of a NamedTuple. A chunk is made once per batch.
 BatchRecord = tuple
-UsageChunk = tuple
 REF = "reference"  # the variant a version's own artifact is
+
+
+class ChunkTotals(NamedTuple):
+    """Sums over a chunk's records whose tenant is one, taken as they were made: the rollup
+    then costs one step per chunk instead of a walk over its records."""
+
+    tenant: str
+    queue_ms_min: float
+    queue_ms_max: float
+    queue_ms_sum: float
+    ok: int
+    items: int
+    cost_pusd: int
+
+
+@dataclass(slots=True)
+class UsageChunk:
+    """A usage_log row: the request records of one batch (or of requests that never ran)."""
+
+    id: int
+    ts: float  # the earliest arrival
+    model: str
+    version: str
+    variant: str | None  # the variant path; None: "reference"
+    batch_id: int | None  # None: the requests never ran
+    batch_size: int
+    compute_ms: float
+    records: tuple[tuple, ...]
+    done_at: float | None = None  # set when records leave id, ts and total_ms to the chunk
+    run_ms: float | None = None
+    totals: ChunkTotals | None = None  # not stored
+
+    def row(self) -> tuple:
+        """In usage_log column order, `requests` as JSON text."""
+        return (self.id, self.ts, self.model, self.version, self.variant, self.batch_id,
+                self.batch_size, self.compute_ms, self.done_at, self.run_ms,
+                orjson.dumps(self.records).decode())
+
+    def arrivals(self) -> list[float]:
+        """Each record's arrival (epoch seconds), stated or derived."""
+        if self.done_at is None:
+            return [r[2] for r in self.records]
+        return [r[2] if r[2] is not None else self.done_at - (r[5] + self.run_ms) / 1000
+                for r in self.records]
 
 
 def open_engine(url: str) -> Engine:
@@ -308,10 +358,16 @@ class LedgerWriter:
         self._usage: deque[UsageChunk] = deque()
         self._batches: deque[BatchRecord] = deque()
         self.replica_id = _register_replica(engine)
-        self.ids = count((self.replica_id << 40) + 1)  # next(ids): a record id, on the loop
+        self._next_id = (self.replica_id << 40) + 1
         self._postgres = engine.dialect.name == "postgresql"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def reserve_ids(self, n: int = 1) -> int:
+        """The first of n fresh record ids in a row (on the event loop only: not locked)."""
+        first = self._next_id
+        self._next_id = first + n
+        return first
 
     # hot path: deque.append is atomic under the GIL, no lock needed
     def add_usage(self, chunk: UsageChunk) -> None:
@@ -372,7 +428,8 @@ class LedgerWriter:
             minutes = rollup_usage(usage_rows)
             upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
                        *rollup_batches(batch_rows, self.replica_id))
-            self._write(((batches, batch_rows), (usage_log, _encoded(usage_rows))), upserts,
+            self._write(((batches, batch_rows), (usage_log, [c.row() for c in usage_rows])),
+                        upserts,
                         time.time() if heartbeat else None)
             if heartbeat:
                 self._next_heartbeat = time.monotonic() + HEARTBEAT_S
@@ -417,12 +474,16 @@ class LedgerWriter:
 
     def _spill(self) -> None:
         path = self.spill_dir / f"ledger-spill-{int(time.time())}.jsonl"
+        batch_names = [str(c.name) for c in batches.columns]  # orjson: keys exactly str
+        usage_names = [str(c.name) for c in usage_log.columns]
         with path.open("ab") as out:
-            for table, queue in ((batches, self._batches), (usage_log, self._usage)):
-                names = [str(c.name) for c in table.columns]  # orjson: keys exactly str
-                for row in _drain(queue):
-                    doc = {"table": table.name, **dict(zip(names, row, strict=True))}
-                    out.write(orjson.dumps(doc) + b"\n")
+            for row in _drain(self._batches):
+                out.write(orjson.dumps({"table": "batches", **dict(zip(batch_names, row,
+                                                                        strict=True))}) + b"\n")
+            for chunk in _drain(self._usage):
+                doc = dict(zip(usage_names, chunk.row(), strict=True))
+                doc["requests"] = chunk.records
+                out.write(orjson.dumps({"table": "usage_log", **doc}) + b"\n")
         log.error("ledger unreachable at shutdown; pending records spilled to %s", path)
 
 
@@ -446,24 +507,24 @@ def rollup_usage(chunks: list[UsageChunk]) -> list[tuple]:
     sorted by key (concurrent writers then lock rows in one order: no deadlocks)."""
     acc: dict[tuple, list] = {}
     for chunk in chunks:
-        model, version, variant, compute_ms, records = (chunk[2], chunk[3], chunk[4] or REF,
-                                                        chunk[7], chunk[8])
-        # A batch usually lies within one minute and serves one tenant: then its sums are
-        # taken column-wise in C (this runs on the server's core, once per request).
-        cols = tuple(zip(*records, strict=True))
-        tenants = cols[3]
-        first_minute = int(min(cols[2])) // 60
-        if tenants.count(tenants[0]) == len(tenants) and first_minute == int(max(cols[2])) // 60:
-            n, ok = len(records), cols[8].count(200)
-            _add(acc, (first_minute * 60, model, version, variant, tenants[0]),
-                 (n, ok, n - ok, sum(cols[4]), sum(cols[7]), compute_ms * n, sum(cols[5]),
-                  sum(cols[6])))
-            continue
-        for r in records:
-            ts = int(r[2])
+        head = (chunk.model, chunk.version, chunk.variant or REF)
+        compute_ms, totals = chunk.compute_ms, chunk.totals
+        if totals is not None:  # one tenant: one key, unless its arrivals span two minutes
+            first = int(chunk.done_at - (totals.queue_ms_max + chunk.run_ms) / 1000) // 60
+            if first == int(chunk.done_at - (totals.queue_ms_min + chunk.run_ms) / 1000) // 60:
+                n = len(chunk.records)
+                _add(acc, (first * 60, *head, totals.tenant),
+                     (n, totals.ok, n - totals.ok, totals.items, totals.cost_pusd,
+                      compute_ms * n, totals.queue_ms_sum,
+                      totals.queue_ms_sum + n * chunk.run_ms))
+                continue
+        run_ms = chunk.run_ms
+        for r, ts in zip(chunk.records, chunk.arrivals(), strict=True):
+            ts = int(ts)
             ok = int(r[8] == 200)
-            _add(acc, (ts - ts % 60, model, version, variant, r[3]),
-                 (1, ok, 1 - ok, r[4], r[7], compute_ms, r[5], r[6]))
+            total_ms = r[6] if r[6] is not None else r[5] + run_ms
+            _add(acc, (ts - ts % 60, *head, r[3]),
+                 (1, ok, 1 - ok, r[4], r[7], compute_ms, r[5], total_ms))
     return [(*key, *a) for key, a in sorted(acc.items())]
 
 
@@ -540,10 +601,6 @@ def _check_retention(days: float) -> None:
     # a negative retention would put the cutoff in the future and delete every raw row
     if not 0 < days < math.inf:
         raise ValueError(f"retention must be a positive number of days, got {days}")
-
-
-def _encoded(chunks: list[UsageChunk]) -> list[tuple]:
-    return [(*chunk[:-1], orjson.dumps(chunk[-1]).decode()) for chunk in chunks]
 
 
 def _drain(queue: deque) -> list:

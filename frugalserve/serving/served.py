@@ -4,13 +4,14 @@ uses), cascades across them, and the meter."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
-from ..economics.ledger import LedgerWriter
+from ..economics.ledger import ChunkTotals, LedgerWriter, UsageChunk
 from ..economics.meter import Meter, split_cost
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
 from ..repository.plan import REFERENCE, Stage
@@ -198,11 +199,10 @@ class ServedVersion:
         stats.batch_size.observe(batch.rows)
         stats.compute.observe(compute_s)
         ledger = self.ledger
-        records: list[tuple] = []
         if ledger is not None:
             cost = self.meter.cost(compute_s)
             shares = [cost] if len(items) == 1 else split_cost(cost, [it.rows for it in items])
-            batch_id = next(ledger.ids)
+            batch_id = ledger.reserve_ids()
             ledger.add_batch((batch_id, batch.started_at, self.model, self.version, variant,
                               self.device.type, self.device.pricing, self.device.share,
                               batch.rows, len(items), compute_s * 1000, cost))
@@ -217,6 +217,12 @@ class ServedVersion:
         offset = 0
         confidence = None  # per row of the batch, computed for the first cascade part
         closed: dict[str, list[tuple]] | None = None  # usage records of finished flows, by path
+        # usage records of the plain requests, and their sums for the rollup (ChunkTotals):
+        # a record leaves its id, arrival and total time to the chunk (ledger.REQUEST_FIELDS)
+        records: list[tuple] = []
+        tenant: str | None = None
+        mixed = False
+        q_min, q_max, q_sum, ok, rows, paid = math.inf, 0.0, 0.0, 0, 0, 0
         for item, share in zip(items, shares, strict=True):
             request = item.context
             if type(request) is Part:
@@ -232,7 +238,6 @@ class ServedVersion:
                 continue
             future = item.future
             queue_s = dispatched - item.arrival
-            total_s = now - item.arrival
             if error is not None:
                 status = 500
                 if not future.done():
@@ -243,6 +248,7 @@ class ServedVersion:
                 stats.errors[status] += 1
             else:
                 status = 200
+                ok += 1
                 if sliced:
                     end = offset + item.rows
                     outs = {k: v[offset:end] for k, v in outputs.items()}
@@ -254,27 +260,47 @@ class ServedVersion:
                 future.set_result(InferenceResponse(
                     self.model, self.version, outs, request.id, request.parameters, share,
                     queue_s, compute_s, batch.rows, variant))
-                stats.ok += 1
                 stats.queue.observe(queue_s)
-                stats.total.observe(total_s)
+                stats.total.observe(now - item.arrival)
             offset += item.rows
             if request.budget is not None:  # its reservation out, its share in
                 settle(request.budget, request.reserved, share)
             if ledger is not None:
-                stats.cost_pusd[request.tenant] += share
+                queue_ms = queue_s * 1000
                 # tuples of atoms: the GC stops tracking them, so waiting records cost it nothing
-                records.append((next(ledger.ids), request.id, wall - total_s, request.tenant,
-                                item.rows, queue_s * 1000, total_s * 1000, share, status))
-        if ledger is not None:
-            if records:
-                ledger.add_usage((next(ledger.ids), records[0][2], self.model, self.version,
-                                  variant, batch_id, batch.rows, compute_s * 1000,
-                                  tuple(records)))
-            if closed:
-                for path, chunk in closed.items():
-                    ledger.add_usage((next(ledger.ids), chunk[0][2], self.model, self.version,
-                                      path, batch_id, batch.rows, compute_s * 1000,
-                                      tuple(chunk)))
+                records.append((None, request.id, None, request.tenant, item.rows, queue_ms, None,
+                                share, status))
+                q_sum += queue_ms
+                if queue_ms < q_min:
+                    q_min = queue_ms
+                if queue_ms > q_max:
+                    q_max = queue_ms
+                rows += item.rows
+                paid += share
+                if request.tenant != tenant:
+                    mixed = tenant is not None
+                    tenant = request.tenant
+        stats.ok += ok
+        if ledger is None:
+            return
+        if records:
+            run_ms = (now - dispatched) * 1000
+            if mixed:
+                for record in records:
+                    stats.cost_pusd[record[3]] += record[7]
+                totals = None
+            else:
+                stats.cost_pusd[tenant] += paid
+                totals = ChunkTotals(tenant, q_min, q_max, q_sum, ok, rows, paid)
+            ledger.add_usage(UsageChunk(
+                ledger.reserve_ids(len(records) + 1), wall - (q_max + run_ms) / 1000, self.model,
+                self.version, variant, batch_id, batch.rows, compute_s * 1000, tuple(records),
+                wall, run_ms, totals))
+        if closed:
+            for path, chunk in closed.items():
+                ledger.add_usage(UsageChunk(ledger.reserve_ids(), chunk[0][2], self.model,
+                                            self.version, path, batch_id, batch.rows,
+                                            compute_s * 1000, tuple(chunk)))
 
     def _failed(self, error: BaseException) -> ModelFailed:
         return ModelFailed(f"model '{self.model}' version {self.version} failed: {error}")
@@ -355,7 +381,7 @@ class ServedVersion:
         if request.budget is not None:
             settle(request.budget, request.reserved, flow.cost)
         stats.cost_pusd[request.tenant] += flow.cost
-        return (0 if self.ledger is None else next(self.ledger.ids), request.id,
+        return (0 if self.ledger is None else self.ledger.reserve_ids(), request.id,
                 wall - total_s, request.tenant, flow.rows, (total_s - flow.compute_s) * 1000,
                 total_s * 1000, flow.cost, status)
 
@@ -370,8 +396,9 @@ class ServedVersion:
         if flow.open_rows == 0:
             record = self._close(flow, time.perf_counter(), time.time())
             if self.ledger is not None:
-                self.ledger.add_usage((next(self.ledger.ids), record[2], self.model,
-                                       self.version, _path(flow), None, 0, 0.0, (record,)))
+                self.ledger.add_usage(UsageChunk(self.ledger.reserve_ids(), record[2], self.model,
+                                                 self.version, _path(flow), None, 0, 0.0,
+                                                 (record,)))
 
     def reject(self, request: InferenceRequest, status: int, arrival: float) -> None:
         """A request that never ran: counted, and recorded at zero cost."""
@@ -383,10 +410,10 @@ class ServedVersion:
         if ledger is not None:
             total_s = time.perf_counter() - arrival
             ts = time.time() - total_s
-            record = (next(ledger.ids), request.id, ts, request.tenant, 0, 0.0, total_s * 1000,
-                      0, status)
-            ledger.add_usage((next(ledger.ids), ts, self.model, self.version, None, None, 0,
-                              0.0, (record,)))
+            record = (ledger.reserve_ids(), request.id, ts, request.tenant, 0, 0.0,
+                      total_s * 1000, 0, status)
+            ledger.add_usage(UsageChunk(ledger.reserve_ids(), ts, self.model, self.version, None,
+                                        None, 0, 0.0, (record,)))
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
         """Zeros of the declared shapes, for warm-up."""

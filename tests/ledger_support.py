@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from frugalserve.economics.ledger import ChunkTotals, UsageChunk
+from frugalserve.economics.ledger import BatchUsage, UsageChunk
 
 PG_URL = os.environ.get("FRUGALSERVE_TEST_PG_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -68,15 +68,14 @@ def write_batch(writer, ts: float, model: str, version: str,
     cost = sum(r[2] for r in requests)
     writer.add_batch((batch_id, ts, model, version, None, device, pricing, share, size,
                       len(requests), compute_ms, cost))
-    records = tuple((None, f"r{next(_rid)}", None, tenant, items, 1.0, None, pico, status)
-                    for tenant, items, pico, status in requests)
-    tenants = {r[0] for r in requests}
-    totals = (ChunkTotals(requests[0][0], 1.0, 1.0, float(len(requests)),
-                          sum(r[3] == 200 for r in requests), size, cost)
-              if len(tenants) == 1 else None)
-    writer.add_usage(UsageChunk(writer.reserve_ids(len(records) + 1), ts, model, version, None,
-                                batch_id, size, compute_ms, records, done_at=ts + 0.002,
-                                run_ms=1.0, totals=totals))
+    statuses = [r[3] for r in requests]
+    writer.add_usage(BatchUsage(
+        writer.reserve_ids(len(requests) + 1), model, version, None, batch_id, size, compute_ms,
+        dispatched=100.001, done=100.002, done_at=ts + 0.002,
+        request_ids=tuple(f"r{next(_rid)}" for _ in requests),
+        tenants=tuple(r[0] for r in requests), items=tuple(r[1] for r in requests),
+        arrivals=(100.0,) * len(requests), costs=[r[2] for r in requests],
+        statuses=None if set(statuses) == {200} else statuses))
     return batch_id
 
 

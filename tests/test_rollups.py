@@ -22,6 +22,7 @@ from ledger_support import (  # noqa: F401 - fixtures
 )
 
 from frugalserve.economics.ledger import (
+    BatchUsage,
     LedgerWriter,
     UsageChunk,
     open_engine,
@@ -46,6 +47,40 @@ def test_rollup_usage_aggregates_per_minute_and_tenant():
         (minute, "m", "1", "int8>reference", "acme", 2, 2, 0, 3, 15, 8.0, 3.0, 11.0),
         (minute + 60, "m", "1", "int8>reference", "globex", 1, 0, 1, 1, 0, 4.0, 3.0, 7.0),
     ]
+
+
+def _batch_usage(arrivals: tuple[float, ...], tenants: tuple[str, ...],
+                 statuses: list[int] | None = None) -> BatchUsage:
+    """A batch dispatched at perf time 10.0 and answered at 10.5, epoch `T0 + 40.5` then."""
+    n = len(arrivals)
+    return BatchUsage(1, "m", "1", None, 7, n, 4.0, dispatched=10.0, done=10.5,
+                      done_at=T0 + 40.5, request_ids=("a",) * n, tenants=tenants,
+                      items=(1,) * n, arrivals=arrivals, costs=[10] * n, statuses=statuses)
+
+
+def test_a_batch_of_one_tenant_in_one_minute_rolls_up_in_one_step_as_record_by_record():
+    """The column sums of the common case equal the record-by-record path's."""
+    one = _batch_usage((9.0, 9.5, 9.75), ("acme",) * 3, [200, 499, 200])
+    minute = int(T0) - int(T0) % 60  # T0 is 20 s into its minute: arrivals at +39..+40 s
+    [row] = rollup_usage([one])
+    assert row[:10] == (minute, "m", "1", "reference", "acme", 3, 2, 1, 3, 30)
+    assert row[10] == 12.0
+    assert abs(row[11] - (1000 + 500 + 250)) < 1e-6  # queue: dispatch - arrival
+    assert abs(row[12] - (1500 + 1000 + 750)) < 1e-6  # total: answer - arrival
+    # the same requests as two tenants take the per-record path; the sums agree
+    two = rollup_usage([_batch_usage((9.0, 9.5, 9.75), ("acme", "acme", "globex"),
+                                     [200, 499, 200])])
+    assert [r[4] for r in two] == ["acme", "globex"]
+    assert sum(r[5] for r in two) == 3 and sum(r[6] for r in two) == 2
+    assert abs(sum(r[11] for r in two) - row[11]) < 1e-6
+    assert abs(sum(r[12] for r in two) - row[12]) < 1e-6
+
+
+def test_a_batch_whose_arrivals_span_two_minutes_is_split_between_them():
+    # answered at T0 + 40.5 s (minute + 60.5 s): arrivals 1.5 s and 0.25 s before the answer
+    [early, late] = rollup_usage([_batch_usage((9.0, 10.25), ("acme", "acme"))])
+    minute = int(T0) - int(T0) % 60
+    assert (early[0], early[5]) == (minute, 1) and (late[0], late[5]) == (minute + 60, 1)
 
 
 def test_rollups_equal_the_raw_rows_across_flushes(ledger_url):

@@ -17,8 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import repeat
 from pathlib import Path
-from typing import NamedTuple
 
 import orjson
 from sqlalchemy import (
@@ -254,22 +254,9 @@ BatchRecord = tuple
 REF = "reference"  # the variant a version's own artifact is
 
 
-class ChunkTotals(NamedTuple):
-    """Sums over a chunk's records whose tenant is one, taken as they were made: the rollup
-    then costs one step per chunk instead of a walk over its records."""
-
-    tenant: str
-    queue_ms_min: float
-    queue_ms_max: float
-    queue_ms_sum: float
-    ok: int
-    items: int
-    cost_pusd: int
-
-
 @dataclass(slots=True)
 class UsageChunk:
-    """A usage_log row: the request records of one batch (or of requests that never ran)."""
+    """A usage_log row whose records are stated whole: requests that never ran, cascade flows."""
 
     id: int
     ts: float  # the earliest arrival
@@ -280,22 +267,80 @@ class UsageChunk:
     batch_size: int
     compute_ms: float
     records: tuple[tuple, ...]
-    done_at: float | None = None  # set when records leave id, ts and total_ms to the chunk
-    run_ms: float | None = None
-    totals: ChunkTotals | None = None  # not stored
 
     def row(self) -> tuple:
         """In usage_log column order, `requests` as JSON text."""
         return (self.id, self.ts, self.model, self.version, self.variant, self.batch_id,
-                self.batch_size, self.compute_ms, self.done_at, self.run_ms,
-                orjson.dumps(self.records).decode())
+                self.batch_size, self.compute_ms, None, None, orjson.dumps(self.records).decode())
 
-    def arrivals(self) -> list[float]:
-        """Each record's arrival (epoch seconds), stated or derived."""
-        if self.done_at is None:
-            return [r[2] for r in self.records]
-        return [r[2] if r[2] is not None else self.done_at - (r[5] + self.run_ms) / 1000
-                for r in self.records]
+    def rollup_into(self, acc: dict[tuple, list]) -> None:
+        head = (self.model, self.version, self.variant or REF)
+        for r in self.records:
+            ts = int(r[2])
+            ok = int(r[8] == 200)
+            _add(acc, (ts - ts % 60, *head, r[3]),
+                 (1, ok, 1 - ok, r[4], r[7], self.compute_ms, r[5], r[6]))
+
+
+@dataclass(slots=True)
+class BatchUsage:
+    """The usage_log row of one batch's requests, as columns: the hot path takes each column
+    with one C-level map() and no Python per request; the writer thread makes the records and
+    their rollup sums. The records leave id, ts and total_ms to the chunk (REQUEST_FIELDS)."""
+
+    id: int  # the chunk's; its records' ids follow it: id + 1, id + 2, ...
+    model: str
+    version: str
+    variant: str | None
+    batch_id: int
+    batch_size: int
+    compute_ms: float
+    dispatched: float  # perf_counter seconds: the batch went to the engine
+    done: float  # perf_counter seconds: its answers went out
+    done_at: float  # epoch seconds at `done`
+    request_ids: tuple[str | None, ...]
+    tenants: tuple[str, ...]
+    items: tuple[int, ...]
+    arrivals: tuple[float, ...]  # perf_counter seconds
+    costs: list[int]
+    statuses: list[int] | None = None  # None: every request 200
+
+    def _epoch(self, arrival: float) -> float:
+        return self.done_at - (self.done - arrival)
+
+    def row(self) -> tuple:
+        """In usage_log column order, `requests` as JSON text."""
+        run_ms = (self.done - self.dispatched) * 1000
+        dispatched = self.dispatched
+        queue_ms = [(dispatched - a) * 1000 for a in self.arrivals]
+        none = repeat(None)  # the derived fields; zip stops at the columns' end
+        records = tuple(zip(none, self.request_ids, none, self.tenants, self.items, queue_ms,
+                            none, self.costs, self.statuses or repeat(200), strict=False))
+        return (self.id, self._epoch(min(self.arrivals)), self.model, self.version,
+                self.variant, self.batch_id, self.batch_size, self.compute_ms, self.done_at,
+                run_ms, orjson.dumps(records).decode())
+
+    def rollup_into(self, acc: dict[tuple, list]) -> None:
+        head = (self.model, self.version, self.variant or REF)
+        tenants, arrivals, n = self.tenants, self.arrivals, len(self.tenants)
+        run_ms = (self.done - self.dispatched) * 1000
+        first = int(self._epoch(min(arrivals))) // 60
+        if tenants.count(tenants[0]) == n and first == int(self._epoch(max(arrivals))) // 60:
+            # the common case, in C: one tenant, one minute
+            ok = n if self.statuses is None else self.statuses.count(200)
+            queue_ms = (n * self.dispatched - sum(arrivals)) * 1000
+            _add(acc, (first * 60, *head, tenants[0]),
+                 (n, ok, n - ok, sum(self.items), sum(self.costs), self.compute_ms * n,
+                  queue_ms, queue_ms + n * run_ms))
+            return
+        statuses = self.statuses or [200] * n
+        for i, a in enumerate(arrivals):
+            ts = int(self._epoch(a))
+            ok = int(statuses[i] == 200)
+            queue_ms = (self.dispatched - a) * 1000
+            _add(acc, (ts - ts % 60, *head, tenants[i]),
+                 (1, ok, 1 - ok, self.items[i], self.costs[i], self.compute_ms, queue_ms,
+                  queue_ms + run_ms))
 
 
 def open_engine(url: str) -> Engine:
@@ -355,7 +400,7 @@ class LedgerWriter:
         self.prune_interval_s = prune_interval_s
         self._next_prune = time.monotonic() + min(60.0, prune_interval_s)
         self._next_heartbeat = 0.0
-        self._usage: deque[UsageChunk] = deque()
+        self._usage: deque[UsageChunk | BatchUsage] = deque()
         self._batches: deque[BatchRecord] = deque()
         self.replica_id = _register_replica(engine)
         self._next_id = (self.replica_id << 40) + 1
@@ -370,7 +415,7 @@ class LedgerWriter:
         return first
 
     # hot path: deque.append is atomic under the GIL, no lock needed
-    def add_usage(self, chunk: UsageChunk) -> None:
+    def add_usage(self, chunk: UsageChunk | BatchUsage) -> None:
         self._usage.append(chunk)
 
     def add_batch(self, record: BatchRecord) -> None:
@@ -482,7 +527,7 @@ class LedgerWriter:
                                                                         strict=True))}) + b"\n")
             for chunk in _drain(self._usage):
                 doc = dict(zip(usage_names, chunk.row(), strict=True))
-                doc["requests"] = chunk.records
+                doc["requests"] = orjson.loads(doc["requests"])
                 out.write(orjson.dumps({"table": "usage_log", **doc}) + b"\n")
         log.error("ledger unreachable at shutdown; pending records spilled to %s", path)
 
@@ -502,29 +547,12 @@ def _upsert_sql(table: Table, mark: str = "?") -> str:
             f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}{extra}")
 
 
-def rollup_usage(chunks: list[UsageChunk]) -> list[tuple]:
+def rollup_usage(chunks: list[UsageChunk | BatchUsage]) -> list[tuple]:
     """usage_rollup rows for some chunks: one per (minute, model, version, variant, tenant),
     sorted by key (concurrent writers then lock rows in one order: no deadlocks)."""
     acc: dict[tuple, list] = {}
     for chunk in chunks:
-        head = (chunk.model, chunk.version, chunk.variant or REF)
-        compute_ms, totals = chunk.compute_ms, chunk.totals
-        if totals is not None:  # one tenant: one key, unless its arrivals span two minutes
-            first = int(chunk.done_at - (totals.queue_ms_max + chunk.run_ms) / 1000) // 60
-            if first == int(chunk.done_at - (totals.queue_ms_min + chunk.run_ms) / 1000) // 60:
-                n = len(chunk.records)
-                _add(acc, (first * 60, *head, totals.tenant),
-                     (n, totals.ok, n - totals.ok, totals.items, totals.cost_pusd,
-                      compute_ms * n, totals.queue_ms_sum,
-                      totals.queue_ms_sum + n * chunk.run_ms))
-                continue
-        run_ms = chunk.run_ms
-        for r, ts in zip(chunk.records, chunk.arrivals(), strict=True):
-            ts = int(ts)
-            ok = int(r[8] == 200)
-            total_ms = r[6] if r[6] is not None else r[5] + run_ms
-            _add(acc, (ts - ts % 60, *head, r[3]),
-                 (1, ok, 1 - ok, r[4], r[7], compute_ms, r[5], total_ms))
+        chunk.rollup_into(acc)
     return [(*key, *a) for key, a in sorted(acc.items())]
 
 

@@ -4,14 +4,14 @@ uses), cascades across them, and the meter."""
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 
 import numpy as np
 
-from ..economics.ledger import ChunkTotals, LedgerWriter, UsageChunk
+from ..economics.ledger import BatchUsage, LedgerWriter, UsageChunk
 from ..economics.meter import Meter, split_cost
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
 from ..repository.plan import REFERENCE, Stage
@@ -23,6 +23,11 @@ from .metrics import VersionStats
 from .types import InferenceRequest, InferenceResponse
 
 _sum = np.add.reduce  # ndarray.sum() adds a Python-level wrapper on the hot path
+# a Pending's fields for its usage record, read in C by map()
+_REQUEST_ID = attrgetter("context.id")
+_TENANT = attrgetter("context.tenant")
+_ROWS = attrgetter("rows")
+_ARRIVAL = attrgetter("arrival")
 
 
 def _fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
@@ -201,7 +206,7 @@ class ServedVersion:
         ledger = self.ledger
         if ledger is not None:
             cost = self.meter.cost(compute_s)
-            shares = [cost] if len(items) == 1 else split_cost(cost, [it.rows for it in items])
+            shares = [cost] if len(items) == 1 else split_cost(cost, list(map(_ROWS, items)))
             batch_id = ledger.reserve_ids()
             ledger.add_batch((batch_id, batch.started_at, self.model, self.version, variant,
                               self.device.type, self.device.pricing, self.device.share,
@@ -217,15 +222,12 @@ class ServedVersion:
         offset = 0
         confidence = None  # per row of the batch, computed for the first cascade part
         closed: dict[str, list[tuple]] | None = None  # usage records of finished flows, by path
-        # usage records of the plain requests, and their sums for the rollup (ChunkTotals):
-        # a record leaves its id, arrival and total time to the chunk (ledger.REQUEST_FIELDS)
-        records: list[tuple] = []
-        tenant: str | None = None
-        mixed = False
-        q_min, q_max, q_sum, ok, rows, paid = math.inf, 0.0, 0.0, 0, 0, 0
+        parts = False  # some items are cascade parts: the plain requests are a subset
+        odd: dict[int, int] | None = None  # plain items whose status is not 200, by position
         for item, share in zip(items, shares, strict=True):
             request = item.context
             if type(request) is Part:
+                parts = True
                 if confidence is None and error is None and request.flow.route[
                         request.depth][2] is not None:
                     confidence = outputs[self.confidence_output].max(axis=1)
@@ -237,18 +239,16 @@ class ServedVersion:
                 offset += item.rows
                 continue
             future = item.future
-            queue_s = dispatched - item.arrival
-            if error is not None:
-                status = 500
+            if error is not None or future.done():
+                # failed, or the caller went away (the work was still done and paid)
+                status = 500 if error is not None else 499
                 if not future.done():
                     future.set_exception(self._failed(error))
                 stats.errors[status] += 1
-            elif future.done():  # the caller went away; the work was still done and paid
-                status = 499
-                stats.errors[status] += 1
+                odd = odd or {}
+                odd[items.index(item)] = status
             else:
-                status = 200
-                ok += 1
+                queue_s = dispatched - item.arrival
                 if sliced:
                     end = offset + item.rows
                     outs = {k: v[offset:end] for k, v in outputs.items()}
@@ -260,47 +260,46 @@ class ServedVersion:
                 future.set_result(InferenceResponse(
                     self.model, self.version, outs, request.id, request.parameters, share,
                     queue_s, compute_s, batch.rows, variant))
+                stats.ok += 1
                 stats.queue.observe(queue_s)
                 stats.total.observe(now - item.arrival)
             offset += item.rows
             if request.budget is not None:  # its reservation out, its share in
                 settle(request.budget, request.reserved, share)
-            if ledger is not None:
-                queue_ms = queue_s * 1000
-                # tuples of atoms: the GC stops tracking them, so waiting records cost it nothing
-                records.append((None, request.id, None, request.tenant, item.rows, queue_ms, None,
-                                share, status))
-                q_sum += queue_ms
-                if queue_ms < q_min:
-                    q_min = queue_ms
-                if queue_ms > q_max:
-                    q_max = queue_ms
-                rows += item.rows
-                paid += share
-                if request.tenant != tenant:
-                    mixed = tenant is not None
-                    tenant = request.tenant
-        stats.ok += ok
         if ledger is None:
             return
-        if records:
-            run_ms = (now - dispatched) * 1000
-            if mixed:
-                for record in records:
-                    stats.cost_pusd[record[3]] += record[7]
-                totals = None
-            else:
-                stats.cost_pusd[tenant] += paid
-                totals = ChunkTotals(tenant, q_min, q_max, q_sum, ok, rows, paid)
-            ledger.add_usage(UsageChunk(
-                ledger.reserve_ids(len(records) + 1), wall - (q_max + run_ms) / 1000, self.model,
-                self.version, variant, batch_id, batch.rows, compute_s * 1000, tuple(records),
-                wall, run_ms, totals))
+        plain = items
+        if parts or odd:
+            keep = [k for k, it in enumerate(items) if type(it.context) is not Part]
+            plain = [items[k] for k in keep]
+            shares = [shares[k] for k in keep]
+            statuses = [odd.get(k, 200) for k in keep] if odd else None
+        else:
+            statuses = None
+        if plain:
+            self._meter_plain(ledger, variant, batch, batch_id, plain, shares, statuses, now, wall)
         if closed:
             for path, chunk in closed.items():
                 ledger.add_usage(UsageChunk(ledger.reserve_ids(), chunk[0][2], self.model,
                                             self.version, path, batch_id, batch.rows,
                                             compute_s * 1000, tuple(chunk)))
+
+    def _meter_plain(self, ledger: LedgerWriter, variant: str, batch: Batch, batch_id: int,
+                     plain: list[Pending], shares: list[int], statuses: list[int] | None,
+                     now: float, wall: float) -> None:
+        """The usage of a batch's plain requests, taken column by column in C (map over the
+        items), with no Python step per request: what metering costs the hot path."""
+        tenants = tuple(map(_TENANT, plain))
+        if tenants.count(tenants[0]) == len(tenants):
+            self.stats.cost_pusd[tenants[0]] += sum(shares)
+        else:
+            for tenant, share in zip(tenants, shares, strict=True):
+                self.stats.cost_pusd[tenant] += share
+        ledger.add_usage(BatchUsage(
+            ledger.reserve_ids(len(plain) + 1), self.model, self.version, variant, batch_id,
+            batch.rows, batch.compute_s * 1000, batch.dispatched, now, wall,
+            tuple(map(_REQUEST_ID, plain)), tenants, tuple(map(_ROWS, plain)),
+            tuple(map(_ARRIVAL, plain)), shares, statuses))
 
     def _failed(self, error: BaseException) -> ModelFailed:
         return ModelFailed(f"model '{self.model}' version {self.version} failed: {error}")

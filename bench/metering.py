@@ -32,8 +32,8 @@ from rich.table import Table
 
 from frugalserve.progress import new_progress
 
-ROUNDS = 12
-SECONDS = 4
+ROUNDS = 30
+SECONDS = 3
 CONNECTIONS = 64
 TARGET = 0.03
 OUT = Path(__file__).resolve().parent / "out"

@@ -3,10 +3,12 @@ per request, and request costs add up exactly to batch costs. On SQLite and on P
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter, defaultdict
 
 import numpy as np
+import orjson
 import pytest
 import support
 from conftest import DIGITS_CONFIG
@@ -261,6 +263,33 @@ def test_shed_and_expired_requests_are_recorded_at_zero_cost(metering_repo, arti
     assert {(b["device"], b["pricing"], b["share"]) for b in batches} == {("nvidia-t4", "spot",
                                                                           1.0)}
     assert sum(b["cost_pusd"] for b in batches) == sum(u["cost_pusd"] for u in usage.values())
+
+
+def test_a_client_that_disconnects_while_queued_is_recorded_as_499(metering_repo, artifacts,
+                                                                    ledger_url):
+    """The connection closes while its request waits behind a held one: the request still
+    runs (its batch was paid for) and its usage record says 499, not 200."""
+    settings = support.settings(metering_repo, ledger_url=ledger_url, flush_interval_s=0.1)
+    body = orjson.dumps(support.json_body({"input": artifacts.X[:1]}, id="gone"))
+    with support.LiveServer(settings) as live, live.client() as c1, live.client() as c2:
+        with support.hold_gate() as hold:
+            held = support.in_thread(lambda: c1.post(
+                "/v2/models/gated_tiny/infer",
+                json=support.json_body({"input": support.sentinel_row()}, id="held")))
+            hold.wait_entered(1)
+            with socket.create_connection(("127.0.0.1", live.port)) as sock:
+                sock.sendall(b"POST /v2/models/gated_tiny/infer HTTP/1.1\r\nhost: x\r\n"
+                             b"content-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                support.wait_for(lambda: support.queue_depth(c2, "gated_tiny") == 1,
+                                 what="the request queued")
+            support.release_gate()
+            assert held().status_code == 200
+        support.wait_for(lambda: support.queue_depth(c2, "gated_tiny") == 0,
+                         what="the queue drained")
+    usage = {u["request_id"]: u for u in usage_rows(ledger_url)}
+    assert usage["held"]["status"] == 200
+    assert usage["gone"]["status"] == 499 and usage["gone"]["cost_pusd"] > 0
 
 
 def test_long_request_id_and_tenant_do_not_poison_the_ledger(metering_repo, artifacts,

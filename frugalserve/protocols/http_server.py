@@ -64,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[_Request] = deque()
         self.busy = False  # a request of this connection is being answered
+        self._answering: asyncio.Task | None = None
         self.closed = False
         self.read_paused = False
         self._in_head = True  # between requests, or inside one's request line and headers
@@ -82,6 +83,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        # the client went away: cancelling the answer cancels the request's future, so a
+        # request still queued or running is recorded as 499 (its batch still runs and pays)
+        self.waiting.clear()
+        if self._answering is not None:
+            self._answering.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -172,12 +178,13 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, request: _Request) -> None:
         self.busy = True
-        self.server.loop.create_task(self._answer(request))
+        self._answering = self.server.loop.create_task(self._answer(request))
 
     async def _answer(self, request: _Request) -> None:
         method, path, headers, body, keep_alive = request
         response = await self.handler.handle(method, path, headers, body)
         self.busy = False
+        self._answering = None
         if self.closed:
             return
         keep_alive = keep_alive and not self.server.stopping

@@ -662,7 +662,7 @@ def _write(path: Path, option: str, write, *args) -> None:
                                  param_hint=option) from None
 
 
-ledger_app = typer.Typer(help="Ledger maintenance: schema migrations, retention.",
+ledger_app = typer.Typer(help="Ledger maintenance: schema migrations, retention, spill files.",
                          no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 
@@ -701,6 +701,33 @@ def ledger_prune(
     except ValueError as exc:  # a retention that is not a positive number of days
         raise typer.BadParameter(str(exc), param_hint="--days") from exc
     Console().print(", ".join(f"{n:,} {t} rows deleted" for t, n in deleted.items()))
+
+
+@ledger_app.command("load-spill")
+def ledger_load_spill(
+    files: list[Path] = typer.Argument(..., help="ledger-spill-*.jsonl files, written beside "
+                                       "the ledger when it was unreachable at shutdown."),
+    ledger: str = typer.Option(None, help=LEDGER_HELP),
+) -> None:
+    """Write spilled usage and batch records into the ledger, with their rollups; each file
+    is renamed *.loaded after. A file whose records are there already is refused."""
+    from rich.console import Console
+
+    from .economics.ledger import load_spill
+
+    engine = _open_ledger(ledger)
+    console = Console()
+    for path in files:
+        if not path.is_file():
+            raise typer.BadParameter(f"{path}: no such file", param_hint="FILES")
+        try:
+            counts = load_spill(engine, path)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="FILES") from None
+        loaded = path.with_name(path.name + ".loaded")
+        path.rename(loaded)
+        console.print(f"{path}: {counts['batches']:,} batches, {counts['usage_log']:,} usage "
+                      f"chunks written; renamed {loaded.name}")
 
 
 # -- API keys and budgets -----------------------------------------------------------------------

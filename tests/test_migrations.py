@@ -176,3 +176,24 @@ def test_derived_request_fields_read_the_same_before_and_after_a_downgrade(ledge
         assert a[2:] == b[2:] and abs(a[1] - b[1]) < 1e-6 and abs(a[5] - b[5]) < 1e-9
     migrations.upgrade(engine)
     assert rows(ledger_url, sql) == after
+
+
+def test_cli_ledger_load_spill_loads_once_and_renames_the_file(tmp_path, ledger_url):
+    spilled = f"sqlite:///{tmp_path / 'spilled.db'}"
+    writer = LedgerWriter(open_engine(spilled), flush_interval_s=3600, spill_dir=tmp_path)
+    write_batch(writer, T0, "m", "1", [("acme", 1, 9, 200), ("acme", 1, 8, 200)], 1.0)
+    with open_engine(spilled).begin() as conn:  # the database breaks before the last flush
+        conn.exec_driver_sql("DROP TABLE usage_log")
+    writer.close(timeout_s=0.3)
+    [spill] = tmp_path.glob("ledger-spill-*.jsonl")
+    runner = CliRunner()
+    result = runner.invoke(app, ["ledger", "load-spill", str(spill), "--ledger", ledger_url])
+    assert result.exit_code == 0, result.output
+    assert "1 batches, 1 usage chunks written" in result.output
+    assert not spill.exists() and spill.with_name(spill.name + ".loaded").exists()
+    assert rows(ledger_url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(2, 17)]
+    result = runner.invoke(app, ["ledger", "load-spill", str(spill.with_name(spill.name
+                                                                             + ".loaded")),
+                                 "--ledger", ledger_url])
+    assert result.exit_code == 2 and "in the ledger already" in result.output
+    assert rows(ledger_url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(2, 17)]

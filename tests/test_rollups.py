@@ -25,6 +25,7 @@ from frugalserve.economics.ledger import (
     BatchUsage,
     LedgerWriter,
     UsageChunk,
+    load_spill,
     open_engine,
     prune,
     rollup_usage,
@@ -184,6 +185,50 @@ def test_rows_that_cannot_be_written_at_shutdown_are_spilled_whole(tmp_path):
     assert docs[0]["id"] == batch_id and docs[0]["cost_pusd"] == 2**62 + 7
     assert docs[1]["batch_id"] == batch_id
     assert [(r[3], r[7]) for r in docs[1]["requests"]] == [("acme", 2**62), ("globex", 7)]
+
+
+def test_a_spill_file_loads_into_a_ledger_once_with_its_rollups(tmp_path, ledger_url):
+    """What a writer spilled at shutdown goes into a ledger by `load_spill` (the CLI's `ledger
+    load-spill`): the same per-request rows and rollups as if it had been written; a second
+    load is refused and changes nothing."""
+    url = f"sqlite:///{tmp_path / 'spilled.db'}"
+    writer = LedgerWriter(open_engine(url), flush_interval_s=3600, spill_dir=tmp_path)
+    write_batch(writer, T0, "m", "1", [("acme", 2, 11, 200), ("globex", 1, 7, 499)], 1.5)
+    write_batch(writer, T0 + 70, "m", "2", [("acme", 1, 5, 200)], 0.5)
+    write_rejected(writer, T0 + 71, "m", "1", "globex")
+    with open_engine(url).begin() as conn:  # the database breaks before the last flush
+        conn.exec_driver_sql("DROP TABLE batches")
+    writer.close(timeout_s=0.3)
+    [spill] = tmp_path.glob("ledger-spill-*.jsonl")
+
+    reference = f"sqlite:///{tmp_path / 'reference.db'}"  # the same records, written normally
+    ref = LedgerWriter(open_engine(reference), flush_interval_s=3600)
+    write_batch(ref, T0, "m", "1", [("acme", 2, 11, 200), ("globex", 1, 7, 499)], 1.5)
+    write_batch(ref, T0 + 70, "m", "2", [("acme", 1, 5, 200)], 0.5)
+    write_rejected(ref, T0 + 71, "m", "1", "globex")
+    ref.close()
+
+    assert load_spill(open_engine(ledger_url), spill) == {"batches": 2, "usage_log": 3}
+    per_request = ("SELECT model, version, tenant, items, queue_ms, total_ms, cost_pusd, status, "
+                   "batch_size FROM usage ORDER BY ts, tenant")
+    rollup = ("SELECT minute, model, version, tenant, requests, ok, errors, items, cost_pusd "
+              "FROM usage_rollup ORDER BY minute, model, version, tenant")
+    batch_sums = "SELECT model, version, batches, rows, cost_pusd FROM batch_rollup ORDER BY 1, 2"
+    for sql in (per_request, rollup, batch_sums):
+        got, want = rows(ledger_url, sql), rows(reference, sql)
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want, strict=True):
+            assert g == pytest.approx(w), sql
+    with pytest.raises(ValueError, match="in the ledger already"):
+        load_spill(open_engine(ledger_url), spill)
+    assert rows(ledger_url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(4, 23)]
+
+
+def test_a_file_that_is_not_a_spill_is_refused(tmp_path):
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"table": "usage_log", "id": 1}\n')
+    with pytest.raises(ValueError, match="line 1: not a ledger spill record"):
+        load_spill(open_engine(f"sqlite:///{tmp_path / 'l.db'}"), bad)
 
 
 # -- money reconciliation after a real load run ----------------------------------------------

@@ -273,6 +273,9 @@ class UsageChunk:
         return (self.id, self.ts, self.model, self.version, self.variant, self.batch_id,
                 self.batch_size, self.compute_ms, None, None, orjson.dumps(self.records).decode())
 
+    def explicit(self) -> UsageChunk:
+        return self
+
     def rollup_into(self, acc: dict[tuple, list]) -> None:
         head = (self.model, self.version, self.variant or REF)
         for r in self.records:
@@ -319,6 +322,18 @@ class BatchUsage:
         return (self.id, self._epoch(min(self.arrivals)), self.model, self.version,
                 self.variant, self.batch_id, self.batch_size, self.compute_ms, self.done_at,
                 run_ms, orjson.dumps(records).decode())
+
+    def explicit(self) -> UsageChunk:
+        """The same usage with every field stated in its records (spill files keep this)."""
+        done, dispatched = self.done, self.dispatched
+        columns = zip(self.request_ids, self.tenants, self.items, self.arrivals, self.costs,
+                      self.statuses or repeat(200), strict=False)
+        records = tuple((self.id + place, request_id, self._epoch(a), tenant, items,
+                         (dispatched - a) * 1000, (done - a) * 1000, cost, status)
+                        for place, (request_id, tenant, items, a, cost, status)
+                        in enumerate(columns, start=1))
+        return UsageChunk(self.id, self._epoch(min(self.arrivals)), self.model, self.version,
+                          self.variant, self.batch_id, self.batch_size, self.compute_ms, records)
 
     def rollup_into(self, acc: dict[tuple, list]) -> None:
         head = (self.model, self.version, self.variant or REF)
@@ -404,7 +419,6 @@ class LedgerWriter:
         self._batches: deque[BatchRecord] = deque()
         self.replica_id = _register_replica(engine)
         self._next_id = (self.replica_id << 40) + 1
-        self._postgres = engine.dialect.name == "postgresql"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -473,9 +487,8 @@ class LedgerWriter:
             minutes = rollup_usage(usage_rows)
             upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
                        *rollup_batches(batch_rows, self.replica_id))
-            self._write(((batches, batch_rows), (usage_log, [c.row() for c in usage_rows])),
-                        upserts,
-                        time.time() if heartbeat else None)
+            _write(self.engine, ((batches, batch_rows), (usage_log, [c.row() for c in usage_rows])),
+                   upserts, (time.time(), self.replica_id) if heartbeat else None)
             if heartbeat:
                 self._next_heartbeat = time.monotonic() + HEARTBEAT_S
         except Exception as exc:  # noqa: BLE001 - any database failure: keep the rows, retry
@@ -486,37 +499,6 @@ class LedgerWriter:
             return False
         return True
 
-    def _write(self, work: tuple[tuple[Table, list], ...],
-               upserts: tuple[tuple[Table, list], ...] = (),
-               seen_at: float | None = None) -> None:
-        """One transaction; COPY on PostgreSQL (parsed by the server, not on our core); the
-        rollups are upserted in the same transaction, so they never disagree with raw rows."""
-        raw = self.engine.raw_connection()
-        mark = "%s" if self._postgres else "?"
-        try:
-            cursor = raw.cursor()
-            for table, rows in work:
-                if not rows:
-                    continue
-                if self._postgres:
-                    with cursor.copy(_copy_sql(table)) as copy:
-                        for row in rows:
-                            copy.write_row(row)
-                else:
-                    cursor.executemany(_insert_sql(table), rows)
-            for table, rows in upserts:
-                if rows:
-                    cursor.executemany(_upsert_sql(table, mark), rows)
-            if seen_at is not None:
-                cursor.execute(f"UPDATE replicas SET last_seen_at = {mark} WHERE id = {mark}",
-                               (seen_at, self.replica_id))
-            raw.commit()
-        except Exception:
-            raw.rollback()
-            raise
-        finally:
-            raw.close()
-
     def _spill(self) -> None:
         path = self.spill_dir / f"ledger-spill-{int(time.time())}.jsonl"
         batch_names = [str(c.name) for c in batches.columns]  # orjson: keys exactly str
@@ -526,13 +508,79 @@ class LedgerWriter:
                 out.write(orjson.dumps({"table": "batches", **dict(zip(batch_names, row,
                                                                         strict=True))}) + b"\n")
             for chunk in _drain(self._usage):
+                chunk = chunk.explicit()
                 doc = dict(zip(usage_names, chunk.row(), strict=True))
-                doc["requests"] = orjson.loads(doc["requests"])
+                doc["requests"] = chunk.records
                 out.write(orjson.dumps({"table": "usage_log", **doc}) + b"\n")
         log.error("ledger unreachable at shutdown; pending records spilled to %s", path)
 
 
 HEARTBEAT_S = 30.0  # how often a writer stamps replicas.last_seen_at
+
+
+def _write(engine: Engine, work: tuple[tuple[Table, list], ...],
+           upserts: tuple[tuple[Table, list], ...] = (),
+           seen: tuple[float, int] | None = None) -> None:
+    """One transaction; COPY on PostgreSQL (parsed by the server, not on our core); the
+    rollups are upserted in the same transaction, so they never disagree with raw rows.
+    seen: (time, replica id) to stamp as the replica's last_seen_at."""
+    raw = engine.raw_connection()
+    postgres = engine.dialect.name == "postgresql"
+    mark = "%s" if postgres else "?"
+    try:
+        cursor = raw.cursor()
+        for table, rows in work:
+            if not rows:
+                continue
+            if postgres:
+                with cursor.copy(_copy_sql(table)) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            else:
+                cursor.executemany(_insert_sql(table), rows)
+        for table, rows in upserts:
+            if rows:
+                cursor.executemany(_upsert_sql(table, mark), rows)
+        if seen is not None:
+            cursor.execute(f"UPDATE replicas SET last_seen_at = {mark} WHERE id = {mark}", seen)
+        raw.commit()
+    except Exception:
+        raw.rollback()
+        raise
+    finally:
+        raw.close()
+
+
+def load_spill(engine: Engine, path: Path) -> dict[str, int]:
+    """Write a spill file's records (what a writer could not write at shutdown) to the ledger,
+    with their rollups, in one transaction. Rows per table. A file loaded twice, or one that
+    is not a spill file, raises ValueError and writes nothing."""
+    names = {t.name: [str(c.name) for c in t.columns] for t in (batches, usage_log)}
+    batch_rows: list[tuple] = []
+    chunks: list[UsageChunk] = []
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            doc = orjson.loads(line)
+            if doc["table"] == "batches":
+                batch_rows.append(tuple(doc[k] for k in names["batches"]))
+            else:
+                chunks.append(UsageChunk(*(doc[k] for k in names["usage_log"]
+                                           if k not in ("done_at", "run_ms", "requests")),
+                                         tuple(tuple(r) for r in doc["requests"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}, line {n}: not a ledger spill record ({exc})") from None
+    by_replica: dict[int, list[tuple]] = {}
+    for row in batch_rows:
+        by_replica.setdefault(row[0] >> 40, []).append(row)  # id = replica << 40 | n
+    minutes = rollup_usage(chunks)
+    upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
+               *(u for replica, rows in sorted(by_replica.items())
+                 for u in rollup_batches(rows, replica)))
+    try:
+        _write(engine, ((batches, batch_rows), (usage_log, [c.row() for c in chunks])), upserts)
+    except engine.dialect.loaded_dbapi.IntegrityError:  # raw DB-API: not SQLAlchemy's class
+        raise ValueError(f"{path}: its records are in the ledger already") from None
+    return {"batches": len(batch_rows), "usage_log": len(chunks)}
 
 
 def _upsert_sql(table: Table, mark: str = "?") -> str:

@@ -724,6 +724,11 @@ def ledger_load_spill(
             counts = load_spill(engine, path)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="FILES") from None
+        except OSError as exc:
+            raise typer.BadParameter(f"{path}: cannot read it: {exc.strerror or exc}",
+                                     param_hint="FILES") from None
+        except engine.dialect.loaded_dbapi.Error as exc:  # the database failed the write
+            raise _bad_ledger(str(engine.url), exc) from None
         loaded = path.with_name(path.name + ".loaded")
         path.rename(loaded)
         console.print(f"{path}: {counts['batches']:,} batches, {counts['usage_log']:,} usage "

@@ -224,11 +224,30 @@ def test_a_spill_file_loads_into_a_ledger_once_with_its_rollups(tmp_path, ledger
     assert rows(ledger_url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(4, 23)]
 
 
-def test_a_file_that_is_not_a_spill_is_refused(tmp_path):
+_CHUNK = {"table": "usage_log", "id": 9, "ts": T0, "model": "m", "version": "1",
+          "variant": None, "batch_id": None, "batch_size": 0, "compute_ms": 0.0,
+          "done_at": None, "run_ms": None}
+_BATCH = {"table": "batches", "id": 8, "ts": T0, "model": "m", "version": "1", "variant": None,
+          "device": "aws-c7i.large", "pricing": "on_demand", "share": 0.5, "size": 1,
+          "requests": 1, "compute_ms": 1.0, "cost_pusd": 5}
+
+
+@pytest.mark.parametrize(("doc", "problem"), [
+    ({"table": "usage_log", "id": 1}, "line 1: not a ledger spill record"),
+    ({**_CHUNK, "table": "usage"}, "'usage' is not batches or usage_log"),
+    ({**_CHUNK, "requests": [[10, "r", T0, "acme", 1, 1.0, 2.0, 5]]}, "not .'id', 'request_id'"),
+    ({**_CHUNK, "requests": [[10, "r", "today", "acme", 1, 1.0, 2.0, 5, 200]]},
+     "a request record is not"),
+    ({**_BATCH, "ts": "today"}, "not a ledger spill file"),
+])
+def test_a_file_that_is_not_a_spill_is_refused_and_nothing_is_written(tmp_path, doc, problem):
     bad = tmp_path / "notes.jsonl"
-    bad.write_text('{"table": "usage_log", "id": 1}\n')
-    with pytest.raises(ValueError, match="line 1: not a ledger spill record"):
-        load_spill(open_engine(f"sqlite:///{tmp_path / 'l.db'}"), bad)
+    bad.write_bytes(orjson.dumps(doc) + b"\n")
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    with pytest.raises(ValueError, match=problem):
+        load_spill(open_engine(url), bad)
+    assert rows(url, "SELECT (SELECT count(*) FROM usage_log), (SELECT count(*) FROM batches)") \
+        == [(0, 0)]
 
 
 # -- money reconciliation after a real load run ----------------------------------------------

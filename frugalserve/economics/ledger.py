@@ -553,34 +553,52 @@ def _write(engine: Engine, work: tuple[tuple[Table, list], ...],
 
 def load_spill(engine: Engine, path: Path) -> dict[str, int]:
     """Write a spill file's records (what a writer could not write at shutdown) to the ledger,
-    with their rollups, in one transaction. Rows per table. A file loaded twice, or one that
-    is not a spill file, raises ValueError and writes nothing."""
-    names = {t.name: [str(c.name) for c in t.columns] for t in (batches, usage_log)}
+    with their rollups, in one transaction. Rows per table. A file loaded before (some or all
+    of its records are in the ledger), or one that is not a spill file, raises ValueError and
+    writes nothing."""
     batch_rows: list[tuple] = []
     chunks: list[UsageChunk] = []
     for n, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
         try:
             doc = orjson.loads(line)
             if doc["table"] == "batches":
-                batch_rows.append(tuple(doc[k] for k in names["batches"]))
+                batch_rows.append(tuple(doc[c.name] for c in batches.columns))
+            elif doc["table"] == "usage_log":
+                chunks.append(_spilled_chunk(doc))
             else:
-                chunks.append(UsageChunk(*(doc[k] for k in names["usage_log"]
-                                           if k not in ("done_at", "run_ms", "requests")),
-                                         tuple(tuple(r) for r in doc["requests"])))
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"table {doc['table']!r} is not batches or usage_log")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}, line {n}: not a ledger spill record ({exc})") from None
     by_replica: dict[int, list[tuple]] = {}
-    for row in batch_rows:
-        by_replica.setdefault(row[0] >> 40, []).append(row)  # id = replica << 40 | n
-    minutes = rollup_usage(chunks)
-    upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
-               *(u for replica, rows in sorted(by_replica.items())
-                 for u in rollup_batches(rows, replica)))
+    try:
+        for row in batch_rows:
+            by_replica.setdefault(row[0] >> 40, []).append(row)  # id = replica << 40 | n
+        minutes = rollup_usage(chunks)
+        upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
+                   *(u for replica, rows in sorted(by_replica.items())
+                     for u in rollup_batches(rows, replica)))
+    except (TypeError, ValueError) as exc:  # a batch row's numbers are not numbers
+        raise ValueError(f"{path}: not a ledger spill file ({exc})") from None
     try:
         _write(engine, ((batches, batch_rows), (usage_log, [c.row() for c in chunks])), upserts)
     except engine.dialect.loaded_dbapi.IntegrityError:  # raw DB-API: not SQLAlchemy's class
         raise ValueError(f"{path}: its records are in the ledger already") from None
     return {"batches": len(batch_rows), "usage_log": len(chunks)}
+
+
+def _spilled_chunk(doc: dict) -> UsageChunk:
+    records = []
+    for r in doc["requests"]:
+        numbers = (r[0], r[2], r[4], r[5], r[6], r[7], r[8]) if len(r) == len(REQUEST_FIELDS) \
+            else ()
+        if not numbers or not isinstance(r[3], str) or \
+                not all(isinstance(x, int | float) for x in numbers):
+            raise TypeError(f"a request record is not {list(REQUEST_FIELDS)}")
+        records.append(tuple(r))
+    return UsageChunk(id=doc["id"], ts=doc["ts"], model=doc["model"], version=doc["version"],
+                      variant=doc["variant"], batch_id=doc["batch_id"],
+                      batch_size=doc["batch_size"], compute_ms=doc["compute_ms"],
+                      records=tuple(records))
 
 
 def _upsert_sql(table: Table, mark: str = "?") -> str:

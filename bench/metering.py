@@ -5,15 +5,19 @@ connections, both on core 1), for ROUNDS rounds of SECONDS. Each round's cost is
 seconds per request, off) / (CPU seconds per request, on), each server's CPU from /proc: a
 saturated server's throughput is the inverse of its CPU per request, so this is the
 throughput cost, taken where both servers see the same machine at the same moment. Runs one
-after another do not: on this VM, two 1 s runs in a row differ by up to 20 %, more than the
-effect (solo alternating runs gave -3 % and +14 % on the same code). The result is the
-median round.
+after another do not: a server's CPU per request moves by more than the effect between
+consecutive rounds (105 to 174 µs in the run BENCHMARKS.md records), while the cost of each
+round moves far less. The result is the median round.
 
-One command: `.venv/bin/python bench/metering.py`.
+`--control` runs the same rounds with both servers unmetered: what the method reads when
+there is no difference to find (its own error), published beside the result.
+
+One command: `.venv/bin/python bench/metering.py` (then `--control`).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -67,12 +71,17 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--control", action="store_true",
+                        help="both servers unmetered: the method's own error")
+    control = parser.parse_args().control
     console = Console()
     workload = workloads.digits(OUT / "models")
     scratch = Path(tempfile.mkdtemp(prefix="frugalserve-metering-"))
     script = loadgen.write_script(workload.body(), scratch / "digits.lua")
     rounds: list[dict[str, float]] = []
-    with servers.Running(servers.FRUGAL, workload, scratch / "on", OUT / "logs" / "on.log") as on, \
+    subject = servers.FRUGAL_OFF if control else servers.FRUGAL
+    with servers.Running(subject, workload, scratch / "on", OUT / "logs" / "on.log") as on, \
             servers.Running(servers.FRUGAL_OFF, workload, scratch / "off",
                             OUT / "logs" / "off.log") as off, \
             new_progress(console) as progress:
@@ -91,10 +100,12 @@ def main() -> int:
     for i, r in enumerate(rounds, 1):
         table.add_row(*_cells(i, r))
     console.print(table)
-    console.print(f"metering cost: {100 * cost:.2f} % (median round; target <= 3 %)")
+    console.print(f"{'control (both unmetered)' if control else 'metering cost'}: "
+                  f"{100 * cost:.2f} % (median round; target <= 3 %)")
     OUT.mkdir(parents=True, exist_ok=True)
-    _chart(rounds, cost, CHART)
-    _publish(rounds, cost)
+    chart = CHART.with_stem(CHART.stem + "-control") if control else CHART
+    _chart(rounds, cost, chart)
+    _publish(rounds, cost, control, chart)
     return 0
 
 
@@ -121,30 +132,39 @@ def _chart(rounds: list[dict[str, float]], cost: float, path: Path) -> None:
     plt.close(fig)
 
 
-def _publish(rounds: list[dict[str, float]], cost: float) -> None:
+def _publish(rounds: list[dict[str, float]], cost: float, control: bool, chart: Path) -> None:
     today = date.today().isoformat()
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     lines = [f"| {' | '.join(_cells(i, r))} |" for i, r in enumerate(rounds, 1)]
     verdict = "PASS" if cost <= TARGET else "FAIL"
+    result = (f"Control: **{100 * cost:.2f} %** (median round) where the true difference is 0; "
+              f"rounds from {100 * min(r['cost'] for r in rounds):.1f} to "
+              f"{100 * max(r['cost'] for r in rounds):.1f} %." if control else
+              f"Metering cost: **{100 * cost:.2f} %** (median round; target <= 3 %): "
+              f"**{verdict}**.")
     section = "\n".join([
-        f"## Metering cost, side by side, {today}",
+        f"## Metering cost, side by side{', control (both unmetered)' if control else ''}, "
+        f"{today}",
         "",
-        "- Command: `.venv/bin/python bench/metering.py` (metering on and off, both servers "
+        f"- Command: `.venv/bin/python bench/metering.py{' --control' if control else ''}` "
+        f"({'two unmetered servers in the on and off places' if control else 'metering on and off'}"
+        ", both servers "
         f"pinned to core 0 and loaded at once, each by `wrk -t1 -c{CONNECTIONS} -d{SECONDS}s` "
         f"on core 1; {ROUNDS} rounds; digits MLP, single-sample JSON; frugalserve "
         f"{git_revision(BENCHMARKS.parent)}). Why side by side: see the module docstring.",
         "- Cost of a round: 1 - (off CPU µs/req) / (on CPU µs/req), each server's CPU time "
         "(all its threads, the ledger writer's included) over the requests it served.",
-        f"- Chart: `bench/out/{CHART.name}`",
+        f"- Chart: `bench/out/{chart.name}`",
         "",
         "| round | on req/s | off req/s | on CPU µs/req | off CPU µs/req | cost |",
         "|---:|---:|---:|---:|---:|---:|",
         *lines,
         f"| median | {' | '.join(_cells('', median)[1:])} |",
         "",
-        f"Metering cost: **{100 * cost:.2f} %** (median round; target <= 3 %): **{verdict}**.",
+        result,
     ])
-    report.update_benchmarks_md(BENCHMARKS, today, section, name="metering-bench")
+    report.update_benchmarks_md(BENCHMARKS, today, section,
+                                name="metering-control" if control else "metering-bench")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from frugalserve.economics import report as spend  # noqa: E402
-from frugalserve.economics.ledger import LedgerWriter, UsageChunk, open_engine  # noqa: E402
+from frugalserve.economics.ledger import BatchUsage, LedgerWriter, open_engine  # noqa: E402
 from frugalserve.progress import new_progress  # noqa: E402
 
 PG_URL = os.environ.get("FRUGALSERVE_BENCH_PG_URL",
@@ -69,18 +69,19 @@ def generate(url: str, n_requests: int, now: float,
             model, version = MODELS[batches % len(MODELS)]
             compute_ms = 0.2 + 0.05 * size
             batch_id = writer.reserve_ids()
-            records = []
-            total = 0
-            for k in range(size):
-                cost = 40_000 + 7 * k
-                total += cost
-                records.append((writer.reserve_ids(), f"req-{done + k}", ts,
-                                TENANTS[(done + k) % 10], 1, 0.3, 1.2, cost,
-                                200 if (done + k) % 97 else 500))
+            costs = [40_000 + 7 * k for k in range(size)]
+            total = sum(costs)
+            places = range(done, done + size)
+            statuses = [200 if p % 97 else 500 for p in places]
             writer.add_batch((batch_id, ts, model, version, None, "aws-c7i.large", "on_demand", 0.5,
                               size, size, compute_ms, total))
-            writer.add_usage(UsageChunk(writer.reserve_ids(), ts, model, version, None,
-                                        batch_id, size, compute_ms, tuple(records)))
+            # each waited 0.3 ms and had its answer 1.2 ms after it came
+            writer.add_usage(BatchUsage(
+                writer.reserve_ids(size + 1), model, version, None, batch_id, size, compute_ms,
+                dispatched=1.0, done=1.0009, done_at=ts + 0.0009,
+                request_ids=tuple(f"req-{p}" for p in places),
+                tenants=tuple(TENANTS[p % 10] for p in places), arrivals=(0.9997,) * size,
+                costs=costs, statuses=None if 500 not in statuses else statuses))
             done += size
             paid += total
             batches += 1

@@ -84,6 +84,34 @@ def test_a_batch_whose_arrivals_span_two_minutes_is_split_between_them():
     assert (early[0], early[5]) == (minute, 1) and (late[0], late[5]) == (minute + 60, 1)
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["columns-as-lists", "columns-as-one-value"])
+def test_a_batch_stored_as_columns_reads_in_the_usage_view_as_its_records(ledger_url, mixed):
+    """BatchUsage stores a batch's requests as JSON columns (a column the same for every
+    request as one value); the view gives each request the record `explicit()` states."""
+    n = 4
+    usage = BatchUsage(
+        101, "m", "1", "int8", 100, 7 if mixed else n, 4.0, dispatched=10.0, done=10.5,
+        done_at=T0 + 40.5,
+        request_ids=("a", None, "c", None) if mixed else (None,) * n,
+        tenants=("acme", "acme", "globex", "acme") if mixed else ("acme",) * n,
+        arrivals=(9.0, 9.5, 9.75, 9.9999995), costs=[10, 9, 9, 9],
+        items=(1, 3, 2, 1) if mixed else None, statuses=[200, 499, 200, 500] if mixed else None)
+    writer = _writer(ledger_url)
+    writer.add_usage(usage)
+    writer.close()
+    got = rows(ledger_url, "SELECT id, request_id, ts, tenant, items, queue_ms, total_ms, "
+                           "cost_pusd, status, model, version, variant, batch_id, batch_size, "
+                           "compute_ms FROM usage ORDER BY id")
+    want = usage.explicit().records
+    assert len(got) == n
+    for g, w in zip(got, want, strict=True):
+        assert (g[0], g[1], g[3], g[4], g[7], g[8]) == (w[0], w[1], w[3], w[4], w[7], w[8])
+        # times are kept to the microsecond
+        assert g[2] == pytest.approx(w[2], abs=1e-6)
+        assert g[5] == pytest.approx(w[5], abs=1e-3) and g[6] == pytest.approx(w[6], abs=1e-3)
+        assert g[9:] == ("m", "1", "int8", 100, 7 if mixed else n, 4.0)
+
+
 def test_rollups_equal_the_raw_rows_across_flushes(ledger_url):
     writer = _writer(ledger_url)
     for i in range(40):  # 40 batches over ~4 minutes, two models, three tenants, two flushes

@@ -67,6 +67,13 @@ class Meter:
         return round(seconds * self.pico_per_second)
 
 
+def split_evenly(total: int, n: int) -> list[int]:
+    """split_cost with n equal weights (the common case: a batch of one-row requests), without
+    the weights: the first `total % n` parts are one unit larger."""
+    part, short = divmod(total, n)
+    return [part + 1] * short + [part] * (n - short)
+
+
 def split_cost(total: int, weights: list[int]) -> list[int]:
     """Split an integer amount in proportion to weights so that the parts sum to it exactly.
 
@@ -78,9 +85,8 @@ def split_cost(total: int, weights: list[int]) -> list[int]:
         raise ValueError("weights must sum to a positive number")
     if len(weights) == 1:
         return [total]
-    if weights.count(weights[0]) == len(weights):  # the common case: one row per request
-        part, short = divmod(total, len(weights))
-        return [part + 1] * short + [part] * (len(weights) - short)
+    if weights.count(weights[0]) == len(weights):
+        return split_evenly(total, len(weights))
     parts = [total * w // whole for w in weights]
     short = total - sum(parts)
     if short:

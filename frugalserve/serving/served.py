@@ -12,7 +12,7 @@ from operator import attrgetter
 import numpy as np
 
 from ..economics.ledger import BatchUsage, LedgerWriter, UsageChunk
-from ..economics.meter import Meter, split_cost
+from ..economics.meter import Meter, split_cost, split_evenly
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
 from ..repository.plan import REFERENCE, Stage
 from ..tensors import TensorSpec, datatype_of
@@ -206,7 +206,9 @@ class ServedVersion:
         ledger = self.ledger
         if ledger is not None:
             cost = self.meter.cost(compute_s)
-            shares = [cost] if len(items) == 1 else split_cost(cost, list(map(_ROWS, items)))
+            # every item holds at least one row: as many rows as items means one row each
+            shares = (split_evenly(cost, len(items)) if batch.rows == len(items)
+                      else split_cost(cost, list(map(_ROWS, items))))
             batch_id = ledger.reserve_ids()
             ledger.add_batch((batch_id, batch.started_at, self.model, self.version, variant,
                               self.device.type, self.device.pricing, self.device.share,
@@ -295,11 +297,13 @@ class ServedVersion:
         else:
             for tenant, share in zip(tenants, shares, strict=True):
                 self.stats.cost_pusd[tenant] += share
+        rows = batch.rows if plain is batch.items else sum(map(_ROWS, plain))
         ledger.add_usage(BatchUsage(
             ledger.reserve_ids(len(plain) + 1), self.model, self.version, variant, batch_id,
             batch.rows, batch.compute_s * 1000, batch.dispatched, now, wall,
-            tuple(map(_REQUEST_ID, plain)), tenants, tuple(map(_ROWS, plain)),
-            tuple(map(_ARRIVAL, plain)), shares, statuses))
+            request_ids=tuple(map(_REQUEST_ID, plain)), tenants=tenants,
+            arrivals=tuple(map(_ARRIVAL, plain)), costs=shares,
+            items=None if rows == len(plain) else tuple(map(_ROWS, plain)), statuses=statuses))
 
     def _failed(self, error: BaseException) -> ModelFailed:
         return ModelFailed(f"model '{self.model}' version {self.version} failed: {error}")

@@ -32,6 +32,14 @@ _COLUMNS = ("id", "request_id", "ts", "model", "version", "variant", "tenant", "
 
 
 def _view_sql(dialect: str) -> str:
+    head = "CREATE OR REPLACE VIEW" if dialect == "postgresql" else "CREATE VIEW IF NOT EXISTS"
+    return f"{head} usage AS {records_select(dialect)}"
+
+
+def records_select(dialect: str, requests: str = "l.requests") -> str:
+    """The view's SELECT: a row per record of the JSON array `requests` (an expression over
+    usage_log AS l)."""
+
     def field(name: str) -> str:
         i = _FIELDS.index(name)
         if dialect == "postgresql":
@@ -51,10 +59,9 @@ def _view_sql(dialect: str) -> str:
         f"{derived.get(name) or (field(name) if name in _FIELDS else f'l.{name}')} AS {name}"
         for name in _COLUMNS)
     if dialect == "postgresql":
-        return (f"CREATE OR REPLACE VIEW usage AS SELECT {select} FROM usage_log AS l, "
-                "jsonb_array_elements(l.requests) WITH ORDINALITY AS r(value, ord)")
-    return (f"CREATE VIEW IF NOT EXISTS usage AS SELECT {select} "
-            "FROM usage_log AS l, json_each(l.requests) AS r")
+        return (f"SELECT {select} FROM usage_log AS l, "
+                f"jsonb_array_elements({requests}) WITH ORDINALITY AS r(value, ord)")
+    return f"SELECT {select} FROM usage_log AS l, json_each({requests}) AS r"
 
 
 def upgrade() -> None:

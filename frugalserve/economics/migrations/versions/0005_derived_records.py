@@ -9,7 +9,9 @@ Create Date: 2026-11-22
 """
 
 import json
+from collections.abc import Callable
 from importlib import import_module
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -64,6 +66,20 @@ def records_select(dialect: str, requests: str = "l.requests") -> str:
     return f"SELECT {select} FROM usage_log AS l, json_each({requests}) AS r"
 
 
+def rewrite_requests(rewrite: Callable[[int, float | None, float | None, Any], Any]) -> None:
+    """Set each usage_log row's requests to rewrite(id, done_at, run_ms, requests), where that
+    is not None."""
+    bind = op.get_bind()
+    value = "CAST(:r AS jsonb)" if bind.dialect.name == "postgresql" else ":r"
+    update = sa.text(f"UPDATE usage_log SET requests = {value} WHERE id = :id")
+    rows = bind.execute(sa.text("SELECT id, done_at, run_ms, requests FROM usage_log")).all()
+    for chunk_id, done_at, run_ms, requests in rows:
+        doc = rewrite(chunk_id, done_at, run_ms,
+                      json.loads(requests) if isinstance(requests, str) else requests)
+        if doc is not None:
+            bind.execute(update, {"r": json.dumps(doc), "id": chunk_id})
+
+
 def upgrade() -> None:
     have = {c["name"] for c in sa.inspect(op.get_bind()).get_columns("usage_log")}
     op.execute("DROP VIEW IF EXISTS usage")
@@ -77,18 +93,19 @@ def downgrade() -> None:
     """States every derived field in the records again, then drops the chunk's columns."""
     bind = op.get_bind()
     op.execute("DROP VIEW IF EXISTS usage")
-    value = "CAST(:r AS jsonb)" if bind.dialect.name == "postgresql" else ":r"
-    update = sa.text(f"UPDATE usage_log SET requests = {value} WHERE id = :id")
-    rows = bind.execute(sa.text("SELECT id, done_at, run_ms, requests FROM usage_log "
-                                "WHERE done_at IS NOT NULL")).all()
-    for chunk_id, done_at, run_ms, requests in rows:
-        records = json.loads(requests) if isinstance(requests, str) else requests
+
+    def state(chunk_id: int, done_at: float | None, run_ms: float | None,
+              records: list) -> list | None:
+        if done_at is None:
+            return None
         for place, r in enumerate(records, start=1):
             total = r[6] if r[6] is not None else r[5] + run_ms
             r[0] = r[0] if r[0] is not None else chunk_id + place
             r[2] = r[2] if r[2] is not None else done_at - total / 1000
             r[6] = total
-        bind.execute(update, {"r": json.dumps(records), "id": chunk_id})
+        return records
+
+    rewrite_requests(state)
     with op.batch_alter_table("usage_log") as batch:
         batch.drop_column("run_ms")
         batch.drop_column("done_at")

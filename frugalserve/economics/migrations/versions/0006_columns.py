@@ -8,10 +8,8 @@ Revises: 0005
 Create Date: 2026-11-22
 """
 
-import json
 from importlib import import_module
 
-import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
@@ -81,19 +79,17 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Turns column chunks into 0005's records (id, ts and total_ms left to the view)."""
-    bind = op.get_bind()
     op.execute("DROP VIEW IF EXISTS usage")
-    value = "CAST(:r AS jsonb)" if bind.dialect.name == "postgresql" else ":r"
-    update = sa.text(f"UPDATE usage_log SET requests = {value} WHERE id = :id")
-    for chunk_id, requests in bind.execute(sa.text("SELECT id, requests FROM usage_log")).all():
-        doc = json.loads(requests) if isinstance(requests, str) else requests
+
+    def records(_id: int, _done_at: float | None, _run_ms: float | None, doc) -> list | None:
         if not isinstance(doc, dict):
-            continue
+            return None
         n = len(doc["queue_us"])
         column = {name: doc[name] if isinstance(doc[name], list) else [doc[name]] * n
                   for name in _COLUMNS}
-        records = [[None, column["request_id"][i], None, column["tenant"][i],
-                    column["items"][i], doc["queue_us"][i] / 1000, None, column["cost_pusd"][i],
-                    column["status"][i]] for i in range(n)]
-        bind.execute(update, {"r": json.dumps(records), "id": chunk_id})
-    op.execute(_v0005._view_sql(bind.dialect.name))
+        return [[None, column["request_id"][i], None, column["tenant"][i], column["items"][i],
+                 doc["queue_us"][i] / 1000, None, column["cost_pusd"][i], column["status"][i]]
+                for i in range(n)]
+
+    _v0005.rewrite_requests(records)
+    op.execute(_v0005._view_sql(op.get_bind().dialect.name))

@@ -240,7 +240,7 @@ def _run_one_batch(predict, thread_cpu: bool):
 
     async def main():
         done = []
-        b = Batcher(predict, done.append, lambda item: None, max_batch_size=4,
+        b = Batcher(predict, done.append, lambda item, status: None, max_batch_size=4,
                     max_queue_delay_s=0.001, max_queue_size=4, name="clock",
                     thread_cpu=thread_cpu)
         b.start()
@@ -320,7 +320,7 @@ def test_batches_are_cut_at_the_preferred_size_and_a_larger_request_still_runs_w
             time.sleep(rows * (0.0005 if rows <= 16 else 0.0006))
             return {"y": feeds["x"]}
 
-        b = Batcher(predict, done.append, lambda item: None, max_batch_size=64,
+        b = Batcher(predict, done.append, lambda item, status: None, max_batch_size=64,
                     max_queue_delay_s=0.05, max_queue_size=100, name="preferred")
         for rows in (1, 16, 64):
             b.profile.observe(rows, rows * (0.0005 if rows <= 16 else 0.0006))

@@ -267,8 +267,9 @@ def test_shed_and_expired_requests_are_recorded_at_zero_cost(metering_repo, arti
 
 def test_a_client_that_disconnects_while_queued_is_recorded_as_499(metering_repo, artifacts,
                                                                     ledger_url):
-    """The connection closes while its request waits behind a held one: the request still
-    runs (its batch was paid for) and its usage record says 499, not 200."""
+    """The connection closes while its request waits behind a held one: the request is taken
+    off the queue without running (nobody would read its answer), and its usage record says
+    499 at zero cost, not 200 with a bill."""
     settings = support.settings(metering_repo, ledger_url=ledger_url, flush_interval_s=0.1)
     body = orjson.dumps(support.json_body({"input": artifacts.X[:1]}, id="gone"))
     with support.LiveServer(settings) as live, live.client() as c1, live.client() as c2:
@@ -289,7 +290,9 @@ def test_a_client_that_disconnects_while_queued_is_recorded_as_499(metering_repo
                          what="the queue drained")
     usage = {u["request_id"]: u for u in usage_rows(ledger_url)}
     assert usage["held"]["status"] == 200
-    assert usage["gone"]["status"] == 499 and usage["gone"]["cost_pusd"] > 0
+    assert (usage["gone"]["status"], usage["gone"]["cost_pusd"], usage["gone"]["batch_id"]) \
+        == (499, 0, None)
+    assert [b["id"] for b in batch_rows(ledger_url)] == [usage["held"]["batch_id"]]
 
 
 def test_long_request_id_and_tenant_do_not_poison_the_ledger(metering_repo, artifacts,

@@ -83,8 +83,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        # the client went away: cancelling the answer cancels the request's future, so a
-        # request still queued or running is recorded as 499 (its batch still runs and pays)
+        # the client went away: cancelling the answer cancels the request's future, so the
+        # request is recorded as 499; still queued, it never runs (its batcher drops it)
         self.waiting.clear()
         if self._answering is not None:
             self._answering.cancel()

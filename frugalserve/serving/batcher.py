@@ -114,7 +114,7 @@ class Batcher:
         self,
         predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
         on_batch: Callable[[Batch], None],
-        on_expired: Callable[[Pending], None],
+        on_dropped: Callable[[Pending, int], None],
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -128,7 +128,9 @@ class Batcher:
         # time a batch used, and its wall time also holds waits for the GIL and the core
         self.thread_cpu = thread_cpu
         self.on_batch = on_batch  # called on the loop thread: settles every item's future
-        self.on_expired = on_expired
+        # called on the loop thread for an item taken off the queue unserved, with its status:
+        # 504 past its own timeout, 499 its caller gone (its future done: cancelled or failed)
+        self.on_dropped = on_dropped
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -258,12 +260,14 @@ class Batcher:
         while queue and rows + queue[0].rows <= limit:
             item = queue.popleft()
             self._rows -= item.rows
+            if item.future.done():  # nobody waits for its answer: computing it is waste
+                self.on_dropped(item, 499)
+                continue
             if item.expires is not None and now > item.expires:
-                if not item.future.done():
-                    waited_ms = 1000 * (now - item.arrival)
-                    item.future.set_exception(DeadlineExceeded(
-                        f"request timed out after {waited_ms:.1f} ms in the queue"))
-                self.on_expired(item)
+                waited_ms = 1000 * (now - item.arrival)
+                item.future.set_exception(DeadlineExceeded(
+                    f"request timed out after {waited_ms:.1f} ms in the queue"))
+                self.on_dropped(item, 504)
                 continue
             items.append(item)
             rows += item.rows

@@ -98,7 +98,7 @@ class ServedVersion:
             runtime = loaded.runtime_of(variant)
             self.batchers[variant] = Batcher(
                 runtime.predict, partial(self._finish, variant),
-                self._expired, max_batch_size=b.max_batch_size,
+                self._dropped, max_batch_size=b.max_batch_size,
                 max_queue_delay_s=self.max_queue_delay_s, max_queue_size=b.max_queue_size,
                 instances=b.instances, name=name, thread_cpu=runtime.single_threaded)
         self.routes = {tier: tuple((self.batchers[s.variant], s.variant, s.threshold)
@@ -388,13 +388,16 @@ class ServedVersion:
                 wall - total_s, request.tenant, flow.rows, (total_s - flow.compute_s) * 1000,
                 total_s * 1000, flow.cost, status)
 
-    def _expired(self, item: Pending) -> None:
+    def _dropped(self, item: Pending, status: int) -> None:
+        """A queued item its batcher took off unserved (504: past its timeout; 499: its caller
+        left): recorded at zero cost, never computed."""
         part = item.context
         if type(part) is not Part:
-            self.reject(part, 504, item.arrival)
+            self.reject(part, status, item.arrival)
             return
         flow = part.flow
-        flow.status = 504
+        if flow.status == 200:  # a flow that failed already keeps that status
+            flow.status = status
         flow.open_rows -= item.rows
         if flow.open_rows == 0:
             record = self._close(flow, time.perf_counter(), time.time())

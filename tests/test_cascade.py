@@ -9,11 +9,14 @@ shows in the values.
 
 from __future__ import annotations
 
+import socket
 from collections import defaultdict
 from pathlib import Path
 
+import joblib
 import numpy as np
 import onnx
+import orjson
 import pytest
 import support
 import yaml
@@ -311,3 +314,44 @@ def test_replay_reads_accuracy_and_metered_cost_and_the_naive_copy_batches_by_on
                                       label="naive", concurrency=2)
     assert alone.variants == {"reference": len(x)} and alone.accuracy == 1.0
     assert alone.cost_pusd == metered > 0
+
+
+def test_a_flow_whose_client_left_while_queued_is_dropped_unrun(tmp_path, artifacts, ledger_url):
+    """A cascade request waits at its first stage behind a held batch; its connection closes.
+    Its rows are taken off the queue without running (nobody would read them): the request is
+    recorded as 499 at zero cost, and only the held request's stages ran."""
+    repo = tmp_path / "models"
+    support.write_model(repo, "pair", {"1": artifacts.lr}, {
+        "batching": {"max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue_size": 8},
+        "device": {"type": "aws-c7i.large", "share": 0.5}})
+    cheap = repo / "pair" / "1" / "variants" / "cheap"
+    cheap.mkdir(parents=True)
+    joblib.dump(artifacts.gated, cheap / "model.joblib")  # the first stage can be held
+    (repo / "pair" / "plan.yaml").write_text(yaml.safe_dump({
+        "version": "1", "default_tier": "standard",
+        "tiers": {"standard": {"stages": [{"variant": "cheap", "threshold": 0.5},
+                                          {"variant": "reference"}]}}}))
+    body = orjson.dumps(support.json_body({"input": artifacts.X[:1]}, id="gone"))
+    settings = support.settings(repo, ledger_url=ledger_url, flush_interval_s=0.1)
+    with support.LiveServer(settings) as live, live.client() as c1, live.client() as c2:
+        with support.hold_gate() as hold:
+            held = support.in_thread(lambda: c1.post(
+                "/v2/models/pair/infer",
+                json=support.json_body({"input": support.sentinel_row()}, id="held")))
+            hold.wait_entered(1)
+            with socket.create_connection(("127.0.0.1", live.port)) as sock:
+                sock.sendall(b"POST /v2/models/pair/infer HTTP/1.1\r\nhost: x\r\n"
+                             b"content-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                support.wait_for(lambda: support.queue_depth(c2, "pair") == 1,
+                                 what="the request queued")
+            support.release_gate()
+            assert held().status_code == 200
+        support.wait_for(lambda: support.queue_depth(c2, "pair") == 0, what="the queue drained")
+    usage = {r[0]: r[1:] for r in query(
+        ledger_url, "SELECT request_id, status, cost_pusd, batch_id, variant FROM usage")}
+    assert usage["gone"][:3] == (499, 0, None) and usage["gone"][3] == "cheap"
+    assert usage["held"][0] == 200 and usage["held"][1] > 0
+    # every batch is one of the held request's stages: none ran the request that left
+    stages = [(variant, 1) for variant in usage["held"][3].split(">")]
+    assert query(ledger_url, "SELECT variant, size FROM batches ORDER BY id") == stages

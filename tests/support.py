@@ -550,6 +550,14 @@ def queue_depth(client: httpx.Client, model: str, version: str = "1") -> float:
     return scrape(client).get("frugalserve_queue_depth", model=model, version=version)
 
 
+def queued_caller_gone(dataplane, model: str) -> bool:
+    """Whether a request queued for `model` has a done future: the server saw its client
+    leave (a test waits for it before letting the queue move)."""
+    return any(item.future.done() for served in dataplane.served_versions()
+               if served.model == model for batcher in served.batchers.values()
+               for item in list(batcher._queue))
+
+
 def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 

@@ -345,6 +345,8 @@ def test_a_flow_whose_client_left_while_queued_is_dropped_unrun(tmp_path, artifa
                              b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 support.wait_for(lambda: support.queue_depth(c2, "pair") == 1,
                                  what="the request queued")
+            support.wait_for(lambda: support.queued_caller_gone(live.dataplane, "pair"),
+                             what="the server seeing the disconnect")
             support.release_gate()
             assert held().status_code == 200
         support.wait_for(lambda: support.queue_depth(c2, "pair") == 0, what="the queue drained")

@@ -265,14 +265,16 @@ def test_shed_and_expired_requests_are_recorded_at_zero_cost(metering_repo, arti
     assert sum(b["cost_pusd"] for b in batches) == sum(u["cost_pusd"] for u in usage.values())
 
 
+@pytest.mark.parametrize("transport", support.TRANSPORTS)
 def test_a_client_that_disconnects_while_queued_is_recorded_as_499(metering_repo, artifacts,
-                                                                    ledger_url):
+                                                                    ledger_url, transport):
     """The connection closes while its request waits behind a held one: the request is taken
     off the queue without running (nobody would read its answer), and its usage record says
-    499 at zero cost, not 200 with a bill."""
+    499 at zero cost, not 200 with a bill. Native server and ASGI app alike."""
     settings = support.settings(metering_repo, ledger_url=ledger_url, flush_interval_s=0.1)
     body = orjson.dumps(support.json_body({"input": artifacts.X[:1]}, id="gone"))
-    with support.LiveServer(settings) as live, live.client() as c1, live.client() as c2:
+    with support.LiveServer(settings, transport) as live, live.client() as c1, \
+            live.client() as c2:
         with support.hold_gate() as hold:
             held = support.in_thread(lambda: c1.post(
                 "/v2/models/gated_tiny/infer",
@@ -284,6 +286,8 @@ def test_a_client_that_disconnects_while_queued_is_recorded_as_499(metering_repo
                              b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 support.wait_for(lambda: support.queue_depth(c2, "gated_tiny") == 1,
                                  what="the request queued")
+            support.wait_for(lambda: support.queued_caller_gone(live.dataplane, "gated_tiny"),
+                             what="the server seeing the disconnect")
             support.release_gate()
             assert held().status_code == 200
         support.wait_for(lambda: support.queue_depth(c2, "gated_tiny") == 0,

@@ -174,8 +174,13 @@ class V2App:
             path = scope["path"]
             if scope.get("query_string"):
                 path = f"{path}?{scope['query_string'].decode('latin-1')}"
-            response = await self.handler.handle(scope["method"], path,
-                                                 dict(scope["headers"]), body)
+            answer = self.handler.handle(scope["method"], path, dict(scope["headers"]), body)
+            if path.endswith("/infer"):
+                response = await _unless_gone(answer, receive)
+                if response is None:
+                    return
+            else:
+                response = await answer
             await _send(send, response)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -214,6 +219,22 @@ class V2App:
             chunks.append(chunk)
             if not message.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _unless_gone(answer: Awaitable[Response], receive: Receive) -> Response | None:
+    """The answer, or None when the client disconnects first: the answer is cancelled then,
+    as the native server does, so the request is recorded as 499 and, still queued, never
+    runs. With the body read, the next message an ASGI server gives is the disconnect."""
+    task = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and gone.result()["type"] == "http.disconnect":
+            return None
+        return await task  # a server that says something else: no more watching
+    finally:
+        task.cancel()  # no-op once done
+        gone.cancel()
 
 
 def _int_header(value: bytes) -> int:

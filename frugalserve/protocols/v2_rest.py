@@ -175,7 +175,7 @@ class V2App:
             if scope.get("query_string"):
                 path = f"{path}?{scope['query_string'].decode('latin-1')}"
             answer = self.handler.handle(scope["method"], path, dict(scope["headers"]), body)
-            if path.endswith("/infer"):
+            if scope["path"].endswith("/infer"):
                 response = await _unless_gone(answer, receive)
                 if response is None:
                     return

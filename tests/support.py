@@ -550,9 +550,30 @@ def queue_depth(client: httpx.Client, model: str, version: str = "1") -> float:
     return scrape(client).get("frugalserve_queue_depth", model=model, version=version)
 
 
-def queued_caller_gone(dataplane, model: str) -> bool:
-    """Whether a request queued for `model` has a done future: the server saw its client
-    leave (a test waits for it before letting the queue move)."""
+def leave_while_queued(live: LiveServer, model: str, row: np.ndarray) -> None:
+    """Request id "held" (a SENTINEL row) holds `model`'s worker; request id "gone" (`row`)
+    queues behind it, then its connection closes. Once the server has seen the client leave,
+    the held request is let through and must answer 200."""
+    body = json.dumps(json_body({"input": row}, id="gone")).encode()
+    with live.client() as c1, live.client() as c2:
+        with hold_gate() as hold:
+            held = in_thread(lambda: c1.post(
+                f"/v2/models/{model}/infer", json=json_body({"input": sentinel_row()}, id="held")))
+            hold.wait_entered(1)
+            with socket.create_connection(("127.0.0.1", live.port)) as sock:
+                sock.sendall(b"POST /v2/models/%s/infer HTTP/1.1\r\nhost: x\r\n"
+                             b"content-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s"
+                             % (model.encode(), len(body), body))
+                wait_for(lambda: queue_depth(c2, model) == 1, what="the request queued")
+            wait_for(lambda: _queued_caller_gone(live.dataplane, model),
+                     what="the server seeing the disconnect")
+            release_gate()
+            assert held().status_code == 200
+        wait_for(lambda: queue_depth(c2, model) == 0, what="the queue drained")
+
+
+def _queued_caller_gone(dataplane, model: str) -> bool:
     return any(item.future.done() for served in dataplane.served_versions()
                if served.model == model for batcher in served.batchers.values()
                for item in list(batcher._queue))

@@ -9,14 +9,12 @@ shows in the values.
 
 from __future__ import annotations
 
-import socket
 from collections import defaultdict
 from pathlib import Path
 
 import joblib
 import numpy as np
 import onnx
-import orjson
 import pytest
 import support
 import yaml
@@ -331,25 +329,9 @@ def test_a_flow_whose_client_left_while_queued_is_dropped_unrun(tmp_path, artifa
         "version": "1", "default_tier": "standard",
         "tiers": {"standard": {"stages": [{"variant": "cheap", "threshold": 0.5},
                                           {"variant": "reference"}]}}}))
-    body = orjson.dumps(support.json_body({"input": artifacts.X[:1]}, id="gone"))
     settings = support.settings(repo, ledger_url=ledger_url, flush_interval_s=0.1)
-    with support.LiveServer(settings) as live, live.client() as c1, live.client() as c2:
-        with support.hold_gate() as hold:
-            held = support.in_thread(lambda: c1.post(
-                "/v2/models/pair/infer",
-                json=support.json_body({"input": support.sentinel_row()}, id="held")))
-            hold.wait_entered(1)
-            with socket.create_connection(("127.0.0.1", live.port)) as sock:
-                sock.sendall(b"POST /v2/models/pair/infer HTTP/1.1\r\nhost: x\r\n"
-                             b"content-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                support.wait_for(lambda: support.queue_depth(c2, "pair") == 1,
-                                 what="the request queued")
-            support.wait_for(lambda: support.queued_caller_gone(live.dataplane, "pair"),
-                             what="the server seeing the disconnect")
-            support.release_gate()
-            assert held().status_code == 200
-        support.wait_for(lambda: support.queue_depth(c2, "pair") == 0, what="the queue drained")
+    with support.LiveServer(settings) as live:
+        support.leave_while_queued(live, "pair", artifacts.X[:1])
     usage = {r[0]: r[1:] for r in query(
         ledger_url, "SELECT request_id, status, cost_pusd, batch_id, variant FROM usage")}
     assert usage["gone"][:3] == (499, 0, None) and usage["gone"][3] == "cheap"

@@ -3,12 +3,10 @@ per request, and request costs add up exactly to batch costs. On SQLite and on P
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter, defaultdict
 
 import numpy as np
-import orjson
 import pytest
 import support
 from conftest import DIGITS_CONFIG
@@ -272,26 +270,8 @@ def test_a_client_that_disconnects_while_queued_is_recorded_as_499(metering_repo
     off the queue without running (nobody would read its answer), and its usage record says
     499 at zero cost, not 200 with a bill. Native server and ASGI app alike."""
     settings = support.settings(metering_repo, ledger_url=ledger_url, flush_interval_s=0.1)
-    body = orjson.dumps(support.json_body({"input": artifacts.X[:1]}, id="gone"))
-    with support.LiveServer(settings, transport) as live, live.client() as c1, \
-            live.client() as c2:
-        with support.hold_gate() as hold:
-            held = support.in_thread(lambda: c1.post(
-                "/v2/models/gated_tiny/infer",
-                json=support.json_body({"input": support.sentinel_row()}, id="held")))
-            hold.wait_entered(1)
-            with socket.create_connection(("127.0.0.1", live.port)) as sock:
-                sock.sendall(b"POST /v2/models/gated_tiny/infer HTTP/1.1\r\nhost: x\r\n"
-                             b"content-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                support.wait_for(lambda: support.queue_depth(c2, "gated_tiny") == 1,
-                                 what="the request queued")
-            support.wait_for(lambda: support.queued_caller_gone(live.dataplane, "gated_tiny"),
-                             what="the server seeing the disconnect")
-            support.release_gate()
-            assert held().status_code == 200
-        support.wait_for(lambda: support.queue_depth(c2, "gated_tiny") == 0,
-                         what="the queue drained")
+    with support.LiveServer(settings, transport) as live:
+        support.leave_while_queued(live, "gated_tiny", artifacts.X[:1])
     usage = {u["request_id"]: u for u in usage_rows(ledger_url)}
     assert usage["held"]["status"] == 200
     assert (usage["gone"]["status"], usage["gone"]["cost_pusd"], usage["gone"]["batch_id"]) \

@@ -80,7 +80,9 @@ def wait_quiet(cores: tuple[int, ...], threshold: float, max_wait_s: float) -> d
     return busy
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process, all its threads included; or of one of its
+    threads (`thread`: its native id; the main thread's is the pid)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * _TICK_S

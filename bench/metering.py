@@ -6,7 +6,7 @@ seconds per request, off) / (CPU seconds per request, on), each server's CPU fro
 saturated server's throughput is the inverse of its CPU per request, so this is the
 throughput cost, taken where both servers see the same machine at the same moment. Runs one
 after another do not: a server's CPU per request moves by more than the effect between
-consecutive rounds (56 to 103 µs in the run BENCHMARKS.md records), while the cost of each
+consecutive rounds (58 to 94 µs in the run BENCHMARKS.md records), while the cost of each
 round moves far less. The result is the median round.
 
 `--control` runs the same rounds with both servers unmetered: what the method reads when
@@ -49,6 +49,7 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
     """Both servers loaded at once; the CPU per request of each."""
     results: dict[str, loadgen.WrkResult] = {}
     before = {"on": on.cpu_seconds(), "off": off.cpu_seconds()}
+    loop_before = {"on": on.cpu_seconds(True), "off": off.cpu_seconds(True)}
 
     def load(key: str, running: servers.Running) -> None:
         results[key] = loadgen.run(running.infer_url, script, CONNECTIONS, SECONDS)
@@ -64,8 +65,10 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
             raise RuntimeError(f"metering {key}: failed requests in the run")
     served = {key: results[key].rps * SECONDS for key in ("on", "off")}
     row = {f"{key}_rps": results[key].rps for key in ("on", "off")}
-    row["on_us"] = (on.cpu_seconds() - before["on"]) / served["on"] * 1e6
-    row["off_us"] = (off.cpu_seconds() - before["off"]) / served["off"] * 1e6
+    for key, running in (("on", on), ("off", off)):
+        row[f"{key}_us"] = (running.cpu_seconds() - before[key]) / served[key] * 1e6
+        row[f"{key}_loop_us"] = \
+            (running.cpu_seconds(True) - loop_before[key]) / served[key] * 1e6
     row["cost"] = 1 - row["off_us"] / row["on_us"]
     return row
 
@@ -95,13 +98,13 @@ def main() -> int:
             progress.advance(task)
     cost = statistics.median(r["cost"] for r in rounds)
     table = Table(title=f"metering cost, digits, {CONNECTIONS} conns each, {ROUNDS} rounds")
-    for column in ("round", "on req/s", "off req/s", "on CPU µs/req", "off CPU µs/req", "cost"):
+    for column in HEADER:
         table.add_column(column, justify="right")
     for i, r in enumerate(rounds, 1):
         table.add_row(*_cells(i, r))
     console.print(table)
     console.print(f"{'control (both unmetered)' if control else 'metering cost'}: "
-                  f"{100 * cost:.2f} % (median round; target <= 3 %)")
+                  f"{100 * cost:.2f} % (median round; target <= 3 %); {_where(rounds)}")
     OUT.mkdir(parents=True, exist_ok=True)
     chart = CHART.with_stem(CHART.stem + "-control") if control else CHART
     _chart(rounds, cost, chart)
@@ -109,9 +112,24 @@ def main() -> int:
     return 0
 
 
+# loop: the main thread (the event loop); the rest of a server's CPU is its other threads
+# (engine workers, and with metering on the ledger writer)
+HEADER = ("round", "on req/s", "off req/s", "on CPU µs/req", "off CPU µs/req", "on loop µs/req",
+          "off loop µs/req", "cost")
+
+
 def _cells(i: int | str, r: dict[str, float]) -> list[str]:
     return [str(i), f"{r['on_rps']:,.0f}", f"{r['off_rps']:,.0f}", f"{r['on_us']:.1f}",
-            f"{r['off_us']:.1f}", f"{100 * r['cost']:.1f} %"]
+            f"{r['off_us']:.1f}", f"{r['on_loop_us']:.1f}", f"{r['off_loop_us']:.1f}",
+            f"{100 * r['cost']:.1f} %"]
+
+
+def _where(rounds: list[dict[str, float]]) -> str:
+    """The on server's extra CPU per request on its event loop and on its other threads."""
+    loop = statistics.median(r["on_loop_us"] - r["off_loop_us"] for r in rounds)
+    rest = statistics.median((r["on_us"] - r["on_loop_us"]) - (r["off_us"] - r["off_loop_us"])
+                             for r in rounds)
+    return f"event loop {loop:+.2f} µs/req, other threads {rest:+.2f} µs/req"
 
 
 def _chart(rounds: list[dict[str, float]], cost: float, path: Path) -> None:
@@ -141,7 +159,7 @@ def _publish(rounds: list[dict[str, float]], cost: float, control: bool, chart: 
               f"rounds from {100 * min(r['cost'] for r in rounds):.1f} to "
               f"{100 * max(r['cost'] for r in rounds):.1f} %." if control else
               f"Metering cost: **{100 * cost:.2f} %** (median round; target <= 3 %): "
-              f"**{verdict}**.")
+              f"**{verdict}**.") + f" Where (on - off, median round): {_where(rounds)}."
     section = "\n".join([
         f"## Metering cost, side by side{', control (both unmetered)' if control else ''}, "
         f"{today}",
@@ -153,11 +171,13 @@ def _publish(rounds: list[dict[str, float]], cost: float, control: bool, chart: 
         f"on core 1; {ROUNDS} rounds; digits MLP, single-sample JSON; frugalserve "
         f"{git_revision(BENCHMARKS.parent)}). Why side by side: see the module docstring.",
         "- Cost of a round: 1 - (off CPU µs/req) / (on CPU µs/req), each server's CPU time "
-        "(all its threads, the ledger writer's included) over the requests it served.",
+        "(all its threads, the ledger writer's included) over the requests it served. Loop: "
+        "the main thread's (the event loop's) share of it; the rest is the other threads "
+        "(engine worker; ledger writer).",
         f"- Chart: `bench/out/{chart.name}`",
         "",
-        "| round | on req/s | off req/s | on CPU µs/req | off CPU µs/req | cost |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| {' | '.join(HEADER)} |",
+        "|" + "---:|" * len(HEADER),
         *lines,
         f"| median | {' | '.join(_cells('', median)[1:])} |",
         "",

@@ -173,8 +173,10 @@ class Running:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.process.pid)
+    def cpu_seconds(self, main_thread: bool = False) -> float:
+        """The server's CPU seconds: all its threads, or its main (event loop) thread."""
+        pid = self.process.pid
+        return process_cpu_seconds(pid, pid if main_thread else None)
 
     def counters(self) -> dict[str, float] | None:
         return self.server.counters(self.base_url) if self.server.counters else None

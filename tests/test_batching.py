@@ -305,6 +305,61 @@ def test_the_preferred_batch_size_is_the_cheapest_per_row():
     assert ExecProfile(100).preferred == 100  # nothing measured yet: the largest
 
 
+def test_the_preferred_size_is_chosen_by_device_time_and_deadlines_plan_with_wall_time():
+    """Under load a big batch's wall time holds time the core ran something else; its device
+    time does not. 64 rows cost the same device time a row as 16: the largest stays
+    preferred, while the estimate a deadline plans with is still the wall time."""
+    from frugalserve.serving.batcher import ExecProfile
+
+    profile = ExecProfile(64)
+    profile.observe(16, 0.008, 0.008)
+    profile.observe(64, 0.060, 0.032)  # 0.94 ms a row of wall time, 0.5 of device time
+    assert profile.preferred == 64
+    assert profile.estimate(64) == 0.060
+
+
+def test_one_interrupted_batch_does_not_move_the_preferred_size_but_a_lasting_change_does():
+    """Device time per row follows the lower envelope: one batch three times dearer (a cold
+    cache) leaves 64 preferred, where an average would have moved to 16; a bucket that stays
+    dearer is believed within a few dozen batches, and a cheaper measure at once."""
+    from frugalserve.serving.batcher import ExecProfile
+
+    profile = ExecProfile(64)
+    profile.observe(16, 0.008)
+    profile.observe(64, 0.032)  # 0.5 ms a row at both sizes: the largest
+    profile.observe(64, 0.096)
+    assert profile.preferred == 64
+    for _ in range(30):
+        profile.observe(64, 0.045)  # 0.7 ms a row from now on
+    assert profile.preferred == 16
+    profile.observe(64, 0.030)
+    assert profile.preferred == 64
+
+
+def test_a_single_threaded_engine_is_profiled_by_its_cpu_time():
+    """Warm-up measures each size; an engine that computes on the calling thread is measured
+    by that thread's CPU time. This one sleeps longer a row at 64 rows than at 16 (wall time,
+    no CPU): measured by wall time 16 is preferred, by CPU time the largest."""
+    from frugalserve.serving.batcher import Batcher
+
+    def predict(feeds):
+        rows = len(feeds["x"])
+        time.sleep(rows * (0.0005 if rows <= 16 else 0.0006))
+        return {"y": feeds["x"]}
+
+    def example(rows):
+        return {"x": np.zeros((rows, 1), np.float32)}
+
+    preferred = {}
+    for thread_cpu in (False, True):
+        b = Batcher(predict, lambda batch: None, lambda item, status: None, max_batch_size=64,
+                    max_queue_delay_s=0.05, max_queue_size=100, thread_cpu=thread_cpu)
+        b.warm_up(example)
+        preferred[thread_cpu] = b.profile.preferred
+        assert b.profile.estimate(64) >= 64 * 0.0006  # deadlines still plan with wall time
+    assert preferred == {False: 16, True: 64}
+
+
 def test_batches_are_cut_at_the_preferred_size_and_a_larger_request_still_runs_whole():
     """40 one-row requests and one 24-row request queue behind a busy engine whose profile
     prefers 16 rows: no batch holds more than 16 rows, except the 24-row request, alone."""

@@ -2,9 +2,9 @@
 
 The scheduler (an asyncio task) forms batches; worker threads (one per instance) run them.
 A batch is cut when an instance is free and one of these holds:
-  - it is full: it holds the preferred batch size, the one whose measured execution time per
-    row is lowest (max_batch_size unless a smaller size is 5% cheaper per row, as it can be
-    for a convolutional network whose activations outgrow the cache);
+  - it is full: it holds the preferred batch size, the one whose measured device time per
+    row (what the meter bills) is lowest (max_batch_size unless a smaller size is 5% cheaper
+    per row, as it can be for a convolutional network whose activations outgrow the cache);
   - waiting longer would break the oldest request's deadline: its max queue delay (time in
     the queue, as Triton's), or its own timeout (time to its answer, so the measured
     execution time of the current batch size is subtracted);
@@ -32,6 +32,7 @@ from .errors import DeadlineExceeded, Overloaded, Unavailable
 _IDLE_TURNS = 2  # loop turns with no arrival before an under-full batch may be cut
 _PATIENCE = 0.25  # ... and quiet for this share of the batch's measured execution time
 _PREFER = 0.95  # a smaller batch size is preferred when its time per row is below this share
+_RISE = 0.02  # how fast a bucket's cost per row follows measures above it (at once below)
 
 
 class Pending:
@@ -64,12 +65,21 @@ class Batch:
 
 class ExecProfile:
     """Execution seconds per batch size: an EWMA per power-of-two bucket, seeded by a warm-up
-    at load time and refreshed by every batch that runs."""
+    at load time and refreshed by every batch that runs.
+
+    Two clocks: wall seconds, which deadlines must plan for, and device seconds per row, which
+    pick the preferred size. For an engine computing on one thread those are its CPU seconds:
+    its wall time also holds the time the core ran something else (another process, the
+    ledger writer, the event loop holding the GIL), noise that made the preferred size of a
+    small MLP flip between 8 and 64 several times a second under load. Device time is noisy
+    too (a cold cache after the core ran something else), and that noise only ever adds, so
+    the cost per row follows the lower envelope of what was measured: it falls at once and
+    rises slowly (_RISE). One interrupted batch no longer makes a bucket look dearer."""
 
     def __init__(self, max_batch_size: int, alpha: float = 0.2):
         self.alpha = alpha
         self.max_batch_size = max_batch_size
-        self.preferred = max_batch_size  # rows per batch at the lowest measured time per row
+        self.preferred = max_batch_size  # rows per batch at the lowest device time per row
         self._seconds: list[float | None] = [None] * (max_batch_size.bit_length() + 1)
         # seconds per row, by the same buckets: a bucket holds batches of several sizes, and
         # its seconds over its top size would favour it by up to 2x
@@ -79,12 +89,17 @@ class ExecProfile:
     def _bucket(rows: int) -> int:
         return (rows - 1).bit_length()  # 1->0, 2->1, 3..4->2, 5..8->3 ...
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float, device_s: float | None = None) -> None:
+        """A batch of `rows` took `seconds` of wall time and `device_s` of device time (None:
+        the same)."""
         i = min(self._bucket(rows), len(self._seconds) - 1)
         old = self._seconds[i]
         self._seconds[i] = seconds if old is None else old + self.alpha * (seconds - old)
-        per_row, old = seconds / rows, self._per_row[i]
-        self._per_row[i] = per_row if old is None else old + self.alpha * (per_row - old)
+        per_row, old = (seconds if device_s is None else device_s) / rows, self._per_row[i]
+        if old is None or per_row < old:
+            self._per_row[i] = per_row
+        else:
+            self._per_row[i] = old + _RISE * (per_row - old)
         self.preferred = self._most_efficient()
 
     def _most_efficient(self) -> int:
@@ -159,9 +174,10 @@ class Batcher:
             feeds = example(rows)
             self.predict(feeds)  # unmeasured: a first call at a new size allocates
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 self.predict(feeds)
-                self.profile.observe(rows, time.perf_counter() - t0)
+                self.profile.observe(rows, time.perf_counter() - t0,
+                                     time.thread_time() - c0 if self.thread_cpu else None)
             if rows == self.max_batch_size:
                 return
             rows *= 2
@@ -295,7 +311,7 @@ class Batcher:
         self._inflight -= 1
         self._slots.release()
         if batch.error is None:
-            self.profile.observe(batch.rows, batch.wall_s)
+            self.profile.observe(batch.rows, batch.wall_s, batch.compute_s)
         self.on_batch(batch)
         self._check_idle()
 

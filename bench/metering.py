@@ -6,7 +6,7 @@ seconds per request, off) / (CPU seconds per request, on), each server's CPU fro
 saturated server's throughput is the inverse of its CPU per request, so this is the
 throughput cost, taken where both servers see the same machine at the same moment. Runs one
 after another do not: a server's CPU per request moves by more than the effect between
-consecutive rounds (58 to 94 µs in the run BENCHMARKS.md records), while the cost of each
+consecutive rounds (39 to 75 µs in the run BENCHMARKS.md records), while the cost of each
 round moves far less. The result is the median round.
 
 `--control` runs the same rounds with both servers unmetered: what the method reads when

@@ -6,7 +6,7 @@ seconds per request, off) / (CPU seconds per request, on), each server's CPU fro
 saturated server's throughput is the inverse of its CPU per request, so this is the
 throughput cost, taken where both servers see the same machine at the same moment. Runs one
 after another do not: a server's CPU per request moves by more than the effect between
-consecutive rounds (39 to 75 µs in the run BENCHMARKS.md records), while the cost of each
+consecutive rounds (36 to 66 µs in the run BENCHMARKS.md records), while the cost of each
 round moves far less. The result is the median round.
 
 `--control` runs the same rounds with both servers unmetered: what the method reads when
@@ -48,6 +48,7 @@ CHART = OUT / "metering.png"
 def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[str, float]:
     """Both servers loaded at once; the CPU per request of each."""
     results: dict[str, loadgen.WrkResult] = {}
+    counted = {"on": on.counters(), "off": off.counters()}
     before = {"on": on.cpu_seconds(), "off": off.cpu_seconds()}
     loop_before = {"on": on.cpu_seconds(True), "off": off.cpu_seconds(True)}
 
@@ -70,6 +71,10 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
         row[f"{key}_loop_us"] = \
             (running.cpu_seconds(True) - loop_before[key]) / served[key] * 1e6
     row["cost"] = 1 - row["off_us"] / row["on_us"]
+    for key, running in (("on", on), ("off", off)):  # after the CPU readings: not in them
+        now = running.counters()
+        row[f"{key}_batch"] = ((now["requests"] - counted[key]["requests"])
+                               / max(1.0, now["batches"] - counted[key]["batches"]))
     return row
 
 
@@ -114,14 +119,16 @@ def main() -> int:
 
 # loop: the main thread (the event loop); the rest of a server's CPU is its other threads
 # (engine workers, and with metering on the ledger writer)
+# batch: requests per batch (one row each), from the server's /metrics; a server whose
+# batches are smaller pays the per-batch work over fewer requests
 HEADER = ("round", "on req/s", "off req/s", "on CPU µs/req", "off CPU µs/req", "on loop µs/req",
-          "off loop µs/req", "cost")
+          "off loop µs/req", "on batch", "off batch", "cost")
 
 
 def _cells(i: int | str, r: dict[str, float]) -> list[str]:
     return [str(i), f"{r['on_rps']:,.0f}", f"{r['off_rps']:,.0f}", f"{r['on_us']:.1f}",
             f"{r['off_us']:.1f}", f"{r['on_loop_us']:.1f}", f"{r['off_loop_us']:.1f}",
-            f"{100 * r['cost']:.1f} %"]
+            f"{r['on_batch']:.1f}", f"{r['off_batch']:.1f}", f"{100 * r['cost']:.1f} %"]
 
 
 def _where(rounds: list[dict[str, float]]) -> str:

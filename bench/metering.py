@@ -12,6 +12,10 @@ round moves far less. The result is the median round.
 `--control` runs the same rounds with both servers unmetered: what the method reads when
 there is no difference to find (its own error), published beside the result.
 
+`--against REV` loads the metered server at HEAD ("on") beside the metered server at git
+revision REV ("off", its `frugalserve/` from `git archive`): what a change to the hot path
+costs or saves, read the same way (negative: HEAD is cheaper).
+
 One command: `.venv/bin/python bench/metering.py` (then `--control`).
 """
 
@@ -19,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -42,7 +48,6 @@ CONNECTIONS = 64
 TARGET = 0.03
 OUT = Path(__file__).resolve().parent / "out"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-CHART = OUT / "metering.png"
 
 
 def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[str, float]:
@@ -78,22 +83,57 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
     return row
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Which two servers a run loads side by side, and how its result reads."""
+
+    name: str  # the BENCHMARKS.md section's key, and the chart's file name
+    option: str  # the command-line option that asks for it ("": none)
+    subject: servers.Server  # "on"
+    baseline: servers.Server  # "off"
+    pair: str  # the two servers, in words
+    title: str  # of the section
+    result: str  # the result's name, before its figure
+
+
+def comparison(control: bool, against: str | None, scratch: Path) -> Comparison:
+    if against:
+        source = scratch / "against"
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "archive", against,
+                                  "frugalserve"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        return Comparison("metering-against", f" --against {against}",
+                          servers.FRUGAL, servers.frugalserve_at(source, against),
+                          f"both metered: HEAD on, {against} off",
+                          f"HEAD against {against}", f"HEAD against {against}")
+    if control:
+        return Comparison("metering-control", " --control", servers.FRUGAL_OFF,
+                          servers.FRUGAL_OFF, "two unmetered servers in the on and off places",
+                          "control (both unmetered)", "Control")
+    return Comparison("metering", "", servers.FRUGAL, servers.FRUGAL_OFF, "metering on and off",
+                      "", "Metering cost")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--control", action="store_true",
                         help="both servers unmetered: the method's own error")
-    control = parser.parse_args().control
+    parser.add_argument("--against", metavar="REV",
+                        help="the metered server at HEAD beside the one at git revision REV")
+    args = parser.parse_args()
     console = Console()
     workload = workloads.digits(OUT / "models")
     scratch = Path(tempfile.mkdtemp(prefix="frugalserve-metering-"))
     script = loadgen.write_script(workload.body(), scratch / "digits.lua")
+    compared = comparison(args.control, args.against, scratch)
     rounds: list[dict[str, float]] = []
-    subject = servers.FRUGAL_OFF if control else servers.FRUGAL
-    with servers.Running(subject, workload, scratch / "on", OUT / "logs" / "on.log") as on, \
-            servers.Running(servers.FRUGAL_OFF, workload, scratch / "off",
+    with servers.Running(compared.subject, workload, scratch / "on",
+                         OUT / "logs" / "on.log") as on, \
+            servers.Running(compared.baseline, workload, scratch / "off",
                             OUT / "logs" / "off.log") as off, \
             new_progress(console) as progress:
-        task = progress.add_task("metering on/off, side by side", total=ROUNDS + 2)
+        task = progress.add_task(f"{compared.pair}, side by side", total=ROUNDS + 2)
         for running in (on, off):
             running.wait_ready()
             loadgen.run(running.infer_url, script, CONNECTIONS, 3)  # warm-up
@@ -108,12 +148,12 @@ def main() -> int:
     for i, r in enumerate(rounds, 1):
         table.add_row(*_cells(i, r))
     console.print(table)
-    console.print(f"{'control (both unmetered)' if control else 'metering cost'}: "
-                  f"{100 * cost:.2f} % (median round; target <= 3 %); {_where(rounds)}")
+    console.print(f"{compared.result}: {100 * cost:.2f} % (median round; the metering target "
+                  f"is <= 3 %); {_where(rounds)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    chart = CHART.with_stem(CHART.stem + "-control") if control else CHART
-    _chart(rounds, cost, chart)
-    _publish(rounds, cost, control, chart)
+    chart = OUT / f"{compared.name}.png"
+    _chart(rounds, cost, chart, compared)
+    _publish(rounds, cost, compared, chart)
     return 0
 
 
@@ -139,7 +179,8 @@ def _where(rounds: list[dict[str, float]]) -> str:
     return f"event loop {loop:+.2f} µs/req, other threads {rest:+.2f} µs/req"
 
 
-def _chart(rounds: list[dict[str, float]], cost: float, path: Path) -> None:
+def _chart(rounds: list[dict[str, float]], cost: float, path: Path,
+           compared: Comparison) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,32 +189,41 @@ def _chart(rounds: list[dict[str, float]], cost: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.bar(range(1, len(rounds) + 1), [100 * r["cost"] for r in rounds], color="#4878a8")
     ax.axhline(100 * cost, color="black", linewidth=1, label=f"median {100 * cost:.2f} %")
-    ax.axhline(100 * TARGET, color="#c44e52", linestyle="--", label="target 3 %")
+    if compared.name == "metering":
+        ax.axhline(100 * TARGET, color="#c44e52", linestyle="--", label="target 3 %")
     ax.set_xlabel("round (both servers loaded at once)")
-    ax.set_ylabel("metering cost, % of CPU per request")
+    ax.set_ylabel("1 - off/on CPU per request, %")
+    ax.set_title(compared.pair, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _publish(rounds: list[dict[str, float]], cost: float, control: bool, chart: Path) -> None:
+def _publish(rounds: list[dict[str, float]], cost: float, compared: Comparison,
+             chart: Path) -> None:
     today = date.today().isoformat()
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     lines = [f"| {' | '.join(_cells(i, r))} |" for i, r in enumerate(rounds, 1)]
-    verdict = "PASS" if cost <= TARGET else "FAIL"
-    result = (f"Control: **{100 * cost:.2f} %** (median round) where the true difference is 0; "
-              f"rounds from {100 * min(r['cost'] for r in rounds):.1f} to "
-              f"{100 * max(r['cost'] for r in rounds):.1f} %." if control else
-              f"Metering cost: **{100 * cost:.2f} %** (median round; target <= 3 %): "
-              f"**{verdict}**.") + f" Where (on - off, median round): {_where(rounds)}."
+    spread = (f"rounds from {100 * min(r['cost'] for r in rounds):.1f} to "
+              f"{100 * max(r['cost'] for r in rounds):.1f} %")
+    if compared.name == "metering":
+        verdict = "PASS" if cost <= TARGET else "FAIL"
+        result = (f"Metering cost: **{100 * cost:.2f} %** (median round; target <= 3 %): "
+                  f"**{verdict}**.")
+    elif compared.name == "metering-control":
+        result = (f"Control: **{100 * cost:.2f} %** (median round) where the true difference "
+                  f"is 0; {spread}.")
+    else:
+        result = (f"{compared.result}: **{100 * cost:+.2f} %** (median round) of HEAD's CPU per "
+                  f"request (negative: HEAD is cheaper); {spread}.")
+    result += f" Where (on - off, median round): {_where(rounds)}."
     section = "\n".join([
-        f"## Metering cost, side by side{', control (both unmetered)' if control else ''}, "
+        f"## Metering cost, side by side{', ' + compared.title if compared.title else ''}, "
         f"{today}",
         "",
-        f"- Command: `.venv/bin/python bench/metering.py{' --control' if control else ''}` "
-        f"({'two unmetered servers in the on and off places' if control else 'metering on and off'}"
-        ", both servers "
+        f"- Command: `.venv/bin/python bench/metering.py{compared.option}` "
+        f"({compared.pair}, both servers "
         f"pinned to core 0 and loaded at once, each by `wrk -t1 -c{CONNECTIONS} -d{SECONDS}s` "
         f"on core 1; {ROUNDS} rounds; digits MLP, single-sample JSON; frugalserve "
         f"{git_revision(BENCHMARKS.parent)}). Why side by side: see the module docstring.",
@@ -190,8 +240,8 @@ def _publish(rounds: list[dict[str, float]], cost: float, control: bool, chart: 
         "",
         result,
     ])
-    report.update_benchmarks_md(BENCHMARKS, today, section,
-                                name="metering-control" if control else "metering-bench")
+    report.update_benchmarks_md(BENCHMARKS, today, section, name=(
+        "metering-bench" if compared.name == "metering" else compared.name))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,19 @@ FRUGAL_BINARY = Server("frugalserve-binary", "frugalserve binary", _frugalserve(
                        _frugalserve_counters, binary=True)
 FRUGAL_OFF = Server("frugalserve-nometer", "frugalserve no-metering", _frugalserve(False),
                     _frugalserve_counters)
+
+
+def frugalserve_at(source: Path, label: str) -> Server:
+    """Metered frugalserve run from another source tree (a `git archive` of a revision)."""
+    metered = _frugalserve(metering=True)
+
+    def prepare(workload: Workload, port: int, scratch: Path) -> Launch:
+        launch = metered(workload, port, scratch)
+        return Launch(launch.argv, {**launch.env, "PYTHONPATH": str(source)})
+
+    return Server(f"frugalserve-{label}", f"frugalserve {label}", prepare, _frugalserve_counters)
+
+
 NAIVE = Server("naive", "naive FastAPI", _naive)
 MLSERVER = Server("mlserver", "MLServer", _mlserver)
 BARE = Server("bare", "bare ASGI", _bare)

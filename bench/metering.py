@@ -100,8 +100,11 @@ def comparison(control: bool, against: str | None, scratch: Path) -> Comparison:
     if against:
         source = scratch / "against"
         source.mkdir()
-        archive = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "archive", against,
-                                  "frugalserve"], capture_output=True, check=True).stdout
+        git = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "archive", against,
+                              "frugalserve"], capture_output=True)
+        if git.returncode:
+            raise SystemExit(f"--against {against}: {git.stderr.decode().strip()}")
+        archive = git.stdout
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
         return Comparison("metering-against", f" --against {against}",
                           servers.FRUGAL, servers.frugalserve_at(source, against),

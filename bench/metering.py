@@ -120,10 +120,12 @@ def comparison(control: bool, against: str | None, scratch: Path) -> Comparison:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--control", action="store_true",
-                        help="both servers unmetered: the method's own error")
-    parser.add_argument("--against", metavar="REV",
-                        help="the metered server at HEAD beside the one at git revision REV")
+    # one comparison a run: both flags would silently measure only one of them
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--control", action="store_true",
+                       help="both servers unmetered: the method's own error")
+    which.add_argument("--against", metavar="REV",
+                       help="the metered server at HEAD beside the one at git revision REV")
     args = parser.parse_args()
     console = Console()
     workload = workloads.digits(OUT / "models")

@@ -5,7 +5,7 @@
 
 Records are generated the way the server writes them: batches of 1-16 requests (6 model
 versions, 10 tenants, spread evenly over the last 30 days) handed to a LedgerWriter with
-add_batch / add_usage, flushed every 4,096 batches, so the raw rows (usage_log chunks, batches)
+log.record, flushed every 4,096 batches, so the raw rows (usage_log chunks, batches)
 and the per-minute rollups are written by the real writer path in the same transactions.
 The report (economics.report.build_report, --by tenant, 30 days) reads the rollups; it is timed
 3 times and the median kept. --raw-baseline also times the same per-tenant totals read straight
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from frugalserve.economics import report as spend  # noqa: E402
-from frugalserve.economics.ledger import BatchUsage, LedgerWriter, open_engine  # noqa: E402
+from frugalserve.economics.ledger import LedgerWriter, open_engine  # noqa: E402
 from frugalserve.progress import new_progress  # noqa: E402
 
 PG_URL = os.environ.get("FRUGALSERVE_BENCH_PG_URL",
@@ -73,15 +73,14 @@ def generate(url: str, n_requests: int, now: float,
             total = sum(costs)
             places = range(done, done + size)
             statuses = [200 if p % 97 else 500 for p in places]
-            writer.add_batch((batch_id, ts, model, version, None, "aws-c7i.large", "on_demand", 0.5,
-                              size, size, compute_ms, total))
             # each waited 0.3 ms and had its answer 1.2 ms after it came
-            writer.add_usage(BatchUsage(
-                writer.reserve_ids(size + 1), model, version, None, batch_id, size, compute_ms,
-                dispatched=1.0, done=1.0009, done_at=ts + 0.0009,
-                request_ids=tuple(f"req-{p}" for p in places),
-                tenants=tuple(TENANTS[p % 10] for p in places), arrivals=(0.9997,) * size,
-                costs=costs, statuses=None if 500 not in statuses else statuses))
+            writer.log.record(
+                writer.log.key(model, version, None, "aws-c7i.large", "on_demand", 0.5),
+                batch_id, writer.reserve_ids(size + 1), ts, size, size, compute_ms, total,
+                dispatched=1.0, done=1.0009, done_at=ts + 0.0009, arrivals=[0.9997] * size,
+                costs=costs, tenant=tuple(TENANTS[p % 10] for p in places),
+                statuses=None if 500 not in statuses else statuses,
+                request_ids=tuple(f"req-{p}" for p in places))
             done += size
             paid += total
             batches += 1
@@ -191,7 +190,7 @@ def record(results: list[dict], args, command: str, commit: str) -> None:
         f"- Machine: nproc {os.cpu_count()}, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}; frugalserve {commit}; "
         "PostgreSQL on 127.0.0.1 (same machine)",
-        "- Records: written through `LedgerWriter.add_batch/add_usage` + `flush()` (the "
+        "- Records: written through `LedgerWriter.log.record` + `flush()` (the "
         "server's writer path: raw chunks and per-minute rollups in one transaction), batches "
         "of 1-16 requests, 6 model versions, 10 tenants, evenly over 30 days.",
         "- Report: `economics.report.build_report(since=now-30d, by='tenant')` (reads the "

@@ -1,9 +1,9 @@
 """Where the ledger writer's CPU goes: one flush of a SQLite ledger, split by phase.
 
-Batches of 40 one-row requests from one tenant (BatchUsage, as the server records them) are
-handed to a LedgerWriter; each flush is then run phase by phase, timed with the writer
-thread's CPU clock: the usage rollups, the batch rollups, the JSON columns of each batch's
-usage_log row, and the SQL transaction (inserts, rollup upserts, commit). Flushes of 83
+Batches of 40 one-row requests from one tenant are recorded in a LedgerWriter's batch log, as
+the server records them; each flush is then run phase by phase, timed with the writer
+thread's CPU clock: the usage rollups, the batch rows and their rollups, each batch's usage_log
+row (its JSON columns), and the SQL transaction (inserts, rollup upserts, commit). Flushes of 83
 batches (0.5 s at 6,640 req/s, about a metered server's rate in bench/metering.py) and of 332
 (a 2 s flush). The median of FLUSHES flushes, per batch.
 
@@ -32,41 +32,42 @@ from frugalserve.progress import new_progress  # noqa: E402
 REQUESTS = 40  # per batch
 SIZES = (83, 332)  # batches per flush
 FLUSHES = 60
-PHASES = ("usage rollups", "batch rollups", "JSON columns", "SQL: inserts, upserts, commit")
+PHASES = ("usage rollups", "batch rows and rollups", "usage rows (JSON columns)",
+          "SQL: inserts, upserts, commit")
 OUT = Path(__file__).resolve().parent / "out"
 CHART = OUT / "ledger_flush.png"
 
 
 def _fill(writer: ledger.LedgerWriter, batches: int) -> None:
     now, wall = time.perf_counter(), time.time()
-    arrivals = tuple(now - 0.002 - i * 1e-5 for i in range(REQUESTS))
+    arrivals = [now - 0.002 - i * 1e-5 for i in range(REQUESTS)]
+    key = writer.log.key("digits", "1", "reference", "aws-c7i.large", "on_demand", 0.5)
     for _ in range(batches):
-        batch_id = writer.reserve_ids()
-        writer.add_batch((batch_id, wall, "digits", "1", None, "aws-c7i.large", "on_demand",
-                          0.5, REQUESTS, REQUESTS, 0.4, 123_440))
-        writer.add_usage(ledger.BatchUsage(
-            writer.reserve_ids(REQUESTS + 1), "digits", "1", None, batch_id, REQUESTS, 0.4,
-            dispatched=now - 0.001, done=now, done_at=wall, request_ids=(None,) * REQUESTS,
-            tenants=("anonymous",) * REQUESTS, arrivals=arrivals, costs=[3086] * REQUESTS))
+        writer.log.record(key, writer.reserve_ids(), writer.reserve_ids(REQUESTS + 1), wall,
+                          REQUESTS, REQUESTS, 0.4, 123_440, dispatched=now - 0.001, done=now,
+                          done_at=wall, arrivals=arrivals, costs=[3086] * REQUESTS,
+                          tenant="anonymous")
 
 
 def _one_flush(writer: ledger.LedgerWriter, batches: int) -> list[float]:
     """Seconds of this thread's CPU per phase, for one flush (LedgerWriter.flush's steps)."""
     _fill(writer, batches)
-    usage, batch_rows = ledger._drain(writer._usage), ledger._drain(writer._batches)
+    pages = writer.log.take()
     clock = time.thread_time
     t0 = clock()
-    minutes = ledger.rollup_usage(usage)
+    minutes = ledger.rollup_usage([], pages, writer.log)
     hours = ledger.rollup_hours(minutes)
     t1 = clock()
+    batch_rows = [row for page in pages for row in ledger.page_batch_rows(page, writer.log)]
     by_batch = ledger.rollup_batches(batch_rows, writer.replica_id)
     t2 = clock()
-    rows = [chunk.row() for chunk in usage]
+    rows = [row for page in pages for row in ledger.page_usage_rows(page, writer.log)]
     t3 = clock()
     ledger._write(writer.engine, ((ledger.batches, batch_rows), (ledger.usage_log, rows)),
                   ((ledger.usage_rollup, minutes), (ledger.usage_rollup_hourly, hours),
                    *by_batch))
     t4 = clock()
+    writer.log.recycle(pages)
     return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
 
 

@@ -1,6 +1,6 @@
 """Ledgers for the rollup, report and migration tests: a fresh PostgreSQL schema per test (as in
 test_metering.py), SQLite files, and synthetic batches written the way the server writes them
-(LedgerWriter.add_batch / add_usage, then flush)."""
+(LedgerWriter.log.record / add_usage, then flush)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from frugalserve.economics.ledger import BatchUsage, UsageChunk
+from frugalserve.economics.ledger import UsageChunk
 
 PG_URL = os.environ.get("FRUGALSERVE_TEST_PG_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -64,18 +64,15 @@ def write_batch(writer, ts: float, model: str, version: str,
     it (ids, arrivals and totals left to the chunk: each waited 1 ms, the batch ran 1 ms); its
     cost is the sum of its requests'. Returns the batch id."""
     batch_id = writer.reserve_ids()
-    size = sum(r[1] for r in requests)
-    cost = sum(r[2] for r in requests)
-    writer.add_batch((batch_id, ts, model, version, None, device, pricing, share, size,
-                      len(requests), compute_ms, cost))
     statuses = [r[3] for r in requests]
-    writer.add_usage(BatchUsage(
-        writer.reserve_ids(len(requests) + 1), model, version, None, batch_id, size, compute_ms,
-        dispatched=100.001, done=100.002, done_at=ts + 0.002,
-        request_ids=tuple(f"r{next(_rid)}" for _ in requests),
-        tenants=tuple(r[0] for r in requests), items=tuple(r[1] for r in requests),
-        arrivals=(100.0,) * len(requests), costs=[r[2] for r in requests],
-        statuses=None if set(statuses) == {200} else statuses))
+    writer.log.record(
+        writer.log.key(model, version, None, device, pricing, share), batch_id,
+        writer.reserve_ids(len(requests) + 1), ts, sum(r[1] for r in requests), len(requests),
+        compute_ms, sum(r[2] for r in requests), dispatched=100.001, done=100.002,
+        done_at=ts + 0.002, arrivals=[100.0] * len(requests), costs=[r[2] for r in requests],
+        tenant=tuple(r[0] for r in requests), items=[r[1] for r in requests],
+        statuses=None if set(statuses) == {200} else statuses,
+        request_ids=tuple(f"r{next(_rid)}" for _ in requests))
     return batch_id
 
 

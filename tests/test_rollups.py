@@ -21,12 +21,14 @@ from ledger_support import (  # noqa: F401 - fixtures
     write_rejected,
 )
 
+from frugalserve.economics import ledger
+from frugalserve.economics.batch_log import BatchLog
 from frugalserve.economics.ledger import (
-    BatchUsage,
     LedgerWriter,
     UsageChunk,
     load_spill,
     open_engine,
+    page_chunks,
     prune,
     rollup_usage,
 )
@@ -50,27 +52,36 @@ def test_rollup_usage_aggregates_per_minute_and_tenant():
     ]
 
 
-def _batch_usage(arrivals: tuple[float, ...], tenants: tuple[str, ...],
-                 statuses: list[int] | None = None) -> BatchUsage:
+def _record(log: BatchLog, arrivals: tuple[float, ...], tenants: tuple[str, ...],
+            statuses: list[int] | None = None, *, request_ids=None, items=None,
+            costs=None, variant=None, ids=(100, 101)) -> None:
     """A batch dispatched at perf time 10.0 and answered at 10.5, epoch `T0 + 40.5` then."""
     n = len(arrivals)
-    return BatchUsage(1, "m", "1", None, 7, n, 4.0, dispatched=10.0, done=10.5,
-                      done_at=T0 + 40.5, request_ids=("a",) * n, tenants=tenants,
-                      items=(1,) * n, arrivals=arrivals, costs=[10] * n, statuses=statuses)
+    costs = costs or [10] * n
+    log.record(log.key("m", "1", variant, "aws-c7i.large", "on_demand", 0.5), *ids, T0 + 40,
+               n if items is None else sum(items), n, 4.0, sum(costs), dispatched=10.0,
+               done=10.5, done_at=T0 + 40.5, arrivals=list(arrivals), costs=costs,
+               tenant=tenants[0] if len(set(tenants)) == 1 else tenants, items=items,
+               statuses=statuses, request_ids=request_ids)
+
+
+def _rollup(arrivals: tuple[float, ...], tenants: tuple[str, ...],
+            statuses: list[int] | None = None) -> list[tuple]:
+    log = BatchLog()
+    _record(log, arrivals, tenants, statuses)
+    return rollup_usage([], log.take(), log)
 
 
 def test_a_batch_of_one_tenant_in_one_minute_rolls_up_in_one_step_as_record_by_record():
     """The column sums of the common case equal the record-by-record path's."""
-    one = _batch_usage((9.0, 9.5, 9.75), ("acme",) * 3, [200, 499, 200])
     minute = int(T0) - int(T0) % 60  # T0 is 20 s into its minute: arrivals at +39..+40 s
-    [row] = rollup_usage([one])
+    [row] = _rollup((9.0, 9.5, 9.75), ("acme",) * 3, [200, 499, 200])
     assert row[:10] == (minute, "m", "1", "reference", "acme", 3, 2, 1, 3, 30)
     assert row[10] == 12.0
     assert abs(row[11] - (1000 + 500 + 250)) < 1e-6  # queue: dispatch - arrival
     assert abs(row[12] - (1500 + 1000 + 750)) < 1e-6  # total: answer - arrival
     # the same requests as two tenants take the per-record path; the sums agree
-    two = rollup_usage([_batch_usage((9.0, 9.5, 9.75), ("acme", "acme", "globex"),
-                                     [200, 499, 200])])
+    two = _rollup((9.0, 9.5, 9.75), ("acme", "acme", "globex"), [200, 499, 200])
     assert [r[4] for r in two] == ["acme", "globex"]
     assert sum(r[5] for r in two) == 3 and sum(r[6] for r in two) == 2
     assert abs(sum(r[11] for r in two) - row[11]) < 1e-6
@@ -79,30 +90,34 @@ def test_a_batch_of_one_tenant_in_one_minute_rolls_up_in_one_step_as_record_by_r
 
 def test_a_batch_whose_arrivals_span_two_minutes_is_split_between_them():
     # answered at T0 + 40.5 s (minute + 60.5 s): arrivals 1.5 s and 0.25 s before the answer
-    [early, late] = rollup_usage([_batch_usage((9.0, 10.25), ("acme", "acme"))])
+    [early, late] = _rollup((9.0, 10.25), ("acme", "acme"))
     minute = int(T0) - int(T0) % 60
     assert (early[0], early[5]) == (minute, 1) and (late[0], late[5]) == (minute + 60, 1)
 
 
 @pytest.mark.parametrize("mixed", [True, False], ids=["columns-as-lists", "columns-as-one-value"])
 def test_a_batch_stored_as_columns_reads_in_the_usage_view_as_its_records(ledger_url, mixed):
-    """BatchUsage stores a batch's requests as JSON columns (a column the same for every
-    request as one value); the view gives each request the record `explicit()` states."""
+    """A batch's requests are stored as JSON columns (a column the same for every request as
+    one value); the view gives each request the record `page_chunks` states."""
     n = 4
-    usage = BatchUsage(
-        101, "m", "1", "int8", 100, 7 if mixed else n, 4.0, dispatched=10.0, done=10.5,
-        done_at=T0 + 40.5,
-        request_ids=("a", None, "c", None) if mixed else (None,) * n,
-        tenants=("acme", "acme", "globex", "acme") if mixed else ("acme",) * n,
-        arrivals=(9.0, 9.5, 9.75, 9.9999995), costs=[10, 9, 9, 9],
-        items=(1, 3, 2, 1) if mixed else None, statuses=[200, 499, 200, 500] if mixed else None)
+
+    def record(log: BatchLog) -> None:
+        _record(log, (9.0, 9.5, 9.75, 9.9999995),
+                ("acme", "acme", "globex", "acme") if mixed else ("acme",) * n,
+                [200, 499, 200, 500] if mixed else None,
+                request_ids=("a", None, "c", None) if mixed else None,
+                items=[1, 3, 2, 1] if mixed else None, costs=[10, 9, 9, 9], variant="int8")
+
+    stated = BatchLog()
+    record(stated)
+    [chunk] = page_chunks(stated.take()[0], stated)
     writer = _writer(ledger_url)
-    writer.add_usage(usage)
+    record(writer.log)
     writer.close()
     got = rows(ledger_url, "SELECT id, request_id, ts, tenant, items, queue_ms, total_ms, "
                            "cost_pusd, status, model, version, variant, batch_id, batch_size, "
                            "compute_ms FROM usage ORDER BY id")
-    want = usage.explicit().records
+    want = chunk.records
     assert len(got) == n
     for g, w in zip(got, want, strict=True):
         assert (g[0], g[1], g[3], g[4], g[7], g[8]) == (w[0], w[1], w[3], w[4], w[7], w[8])
@@ -195,6 +210,64 @@ def test_the_writer_thread_prunes_by_retention(tmp_path):
                      what="the writer's periodic prune")
     writer.close()
     assert rows(url, "SELECT sum(cost_pusd) FROM usage_rollup") == [(5,)]
+
+
+def test_a_batch_log_that_fills_its_pages_keeps_every_batch(ledger_url):
+    """Pages of 3 batches and 8 requests: full pages are sealed, a batch bigger than a page gets
+    one of its own, and every batch and request reaches the ledger."""
+    writer = _writer(ledger_url)
+    writer.log = BatchLog(capacity=3, room=8)
+    sizes = [1, 5, 3, 20, 2, 7, 1, 4, 6, 3]
+
+    def record_all() -> None:
+        for n in sizes:
+            _record(writer.log, (9.5,) * n, ("acme",) * n, costs=list(range(1, n + 1)),
+                    request_ids=(None,) * (n - 1) + ("last",),
+                    ids=(writer.reserve_ids(), writer.reserve_ids(n + 1)))
+
+    record_all()
+    assert writer.pending == len(sizes)
+    pages = writer.log.take()
+    assert len(pages) > 3 and writer.log.pending == 0
+    assert all(p.batches <= 3 and (p.requests <= 8 or p.batches == 1) for p in pages)
+    assert [n for p in pages for n in p.ints[:p.batches, 5].tolist()] == sizes  # in order
+    writer._unwritten = pages  # as a flush that failed leaves them
+    assert writer.pending == len(sizes)
+    assert writer.flush()
+    record_all()  # into recycled pages
+    assert writer.flush()
+    writer.close()
+    total = 2 * sum(n * (n + 1) // 2 for n in sizes)
+    assert rows(ledger_url, "SELECT count(*), sum(cost_pusd) FROM usage") == \
+        [(2 * sum(sizes), total)]
+    assert rows(ledger_url, "SELECT count(*), sum(cost_pusd) FROM batches") == \
+        [(2 * len(sizes), total)]
+    assert rows(ledger_url, "SELECT sum(requests), sum(cost_pusd) FROM usage_rollup") == \
+        [(2 * sum(sizes), total)]
+    assert rows(ledger_url, "SELECT count(*) FROM usage WHERE request_id = 'last'") == \
+        [(2 * len(sizes),)]
+
+
+def test_a_failed_write_keeps_its_rows_for_the_next_flush(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = _writer(url)
+    write_batch(writer, T0, "m", "1", [("acme", 1, 11, 200), ("globex", 2, 7, 200)], 1.5)
+    write_rejected(writer, T0, "m", "1", "globex")
+    real_write = ledger._write
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("the database is away")
+
+    monkeypatch.setattr(ledger, "_write", broken)
+    assert not writer.flush()
+    assert writer.pending == 2  # the batch and the rejected request's chunk
+    write_batch(writer, T0 + 1, "m", "1", [("acme", 1, 5, 200)], 0.5)
+    monkeypatch.setattr(ledger, "_write", real_write)
+    assert writer.flush()
+    assert writer.pending == 0
+    writer.close()
+    assert rows(url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(4, 23)]
+    assert rows(url, "SELECT count(*), sum(cost_pusd) FROM batches") == [(2, 23)]
 
 
 def test_rows_that_cannot_be_written_at_shutdown_are_spilled_whole(tmp_path):

@@ -1,9 +1,10 @@
 """The ledger: usage and batch records in SQL, written in batches off the hot path.
 
-SQLite (WAL) by default, PostgreSQL by URL; the same schema on both. The hot path only appends
-a tuple to a deque; a writer thread inserts what accumulated every `flush_interval_s`, and
-nothing is ever dropped: a failed write is retried, and rows that still cannot be written at
-shutdown are spilled to a JSON-lines file beside the database (or the working directory).
+SQLite (WAL) by default, PostgreSQL by URL; the same schema on both. The hot path writes a
+batch into numpy columns (batch_log) or appends a chunk to a deque; a writer thread inserts
+what accumulated every `flush_interval_s`, and nothing is ever dropped: a failed write is
+retried, and rows that still cannot be written at shutdown are spilled to a JSON-lines file
+beside the database (or the working directory).
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from .batch_log import (
+    BATCH_ID,
+    COMPUTE_MS,
+    COST,
+    DISPATCHED,
+    DONE,
+    DONE_AT,
+    ITEMS,
+    KEY,
+    MIXED,
+    PLAIN,
+    REQUESTS,
+    ROWS,
+    STARTED_AT,
+    STATUSES,
+    TENANT,
+    USAGE_ID,
+    BatchLog,
+    Page,
+)
+
 log = logging.getLogger("frugalserve.ledger")
 
 metadata = MetaData()
@@ -71,10 +93,10 @@ replicas = Table(
 #   ts, tenant, items, queue_ms, total_ms, cost_pusd, status]. A record may leave id, ts and
 #   total_ms null: the view derives them (id: the chunk's id + its place, from 1; total_ms:
 #   queue_ms + the chunk's run_ms; ts: the chunk's done_at - total_ms).
-# - Columns (BatchUsage: a batch's own requests, migration 0006): an object {"queue_us": [...]
-#   (integer microseconds), "request_id", "tenant", "items", "cost_pusd", "status"}, each of
-#   the last five a list or, when it is the same for every request, one value; id, ts and
-#   total_ms derived as above.
+# - Columns (a batch's own requests, from the batch log: page_usage_rows; migration 0006): an
+#   object {"queue_us": [...] (integer microseconds), "request_id", "tenant", "items",
+#   "cost_pusd", "status"}, each of the last five a list or, when it is the same for every
+#   request, one value; id, ts and total_ms derived as above.
 #   No per-request Python to make it, and a fifth of the bytes of records: the writer shares
 #   the server's core.
 REQUEST_FIELDS = ("id", "request_id", "ts", "tenant", "items", "queue_ms", "total_ms",
@@ -255,8 +277,7 @@ training_runs = Table(
 
 
 # A batch record is a plain tuple in `batches` column order, and so is each request record of
-# a chunk (REQUEST_FIELDS order): they are made per request, where a tuple literal costs a tenth
-# of a NamedTuple. A chunk is made once per batch.
+# a chunk (REQUEST_FIELDS order): a tuple literal costs a tenth of a NamedTuple.
 BatchRecord = tuple
 REF = "reference"  # the variant a version's own artifact is
 
@@ -280,9 +301,6 @@ class UsageChunk:
         return (self.id, self.ts, self.model, self.version, self.variant, self.batch_id,
                 self.batch_size, self.compute_ms, None, None, orjson.dumps(self.records).decode())
 
-    def explicit(self) -> UsageChunk:
-        return self
-
     def rollup_into(self, acc: dict[tuple, list]) -> None:
         head = (self.model, self.version, self.variant or REF)
         for r in self.records:
@@ -292,86 +310,122 @@ class UsageChunk:
                  (1, ok, 1 - ok, r[4], r[7], self.compute_ms, r[5], r[6]))
 
 
-@dataclass(slots=True)
-class BatchUsage:
-    """The usage_log row of one batch's requests, as columns: the hot path takes each column
-    with one C-level map() and no Python per request; the writer thread stores them as columns
-    too (see usage_log) and makes their rollup sums."""
+# -- a batch log page (see batch_log) as rows ------------------------------------------------
+# The writer's side: per page, numpy over all its requests at once and a step per batch, never
+# one per request (but for the spill, which states every record).
 
-    id: int  # the chunk's; its requests' ids follow it: id + 1, id + 2, ...
-    model: str
-    version: str
-    variant: str | None
-    batch_id: int
-    batch_size: int
-    compute_ms: float
-    dispatched: float  # perf_counter seconds: the batch went to the engine
-    done: float  # perf_counter seconds: its answers went out
-    done_at: float  # epoch seconds at `done`
-    request_ids: tuple[str | None, ...]
-    tenants: tuple[str, ...]
-    arrivals: tuple[float, ...]  # perf_counter seconds
-    costs: list[int]
-    items: tuple[int, ...] | None = None  # None: one row each
-    statuses: list[int] | None = None  # None: every request 200
 
-    def _epoch(self, arrival: float) -> float:
-        return self.done_at - (self.done - arrival)
+def page_batch_rows(page: Page, log: BatchLog) -> list[BatchRecord]:
+    """The page's `batches` rows."""
+    k = page.batches
+    return [(i[BATCH_ID], t[STARTED_AT], *log.keys[i[KEY]], i[ROWS], i[REQUESTS],
+             t[COMPUTE_MS], i[COST])
+            for i, t in zip(page.ints[:k].tolist(), page.times[:k].tolist(), strict=True)]
 
-    def row(self) -> tuple:
-        """In usage_log column order, `requests` as JSON text: an object of columns, a column
-        whose values are all the same stated once."""
-        n = len(self.arrivals)
-        tenants, ids = self.tenants, self.request_ids
-        # whole microseconds: a third of the bytes of float milliseconds, and cheaper to write
-        queue_us = ((self.dispatched - np.array(self.arrivals)) * 1e6 + 0.5).astype(np.int64)
+
+def _request_batches(page: Page) -> np.ndarray:
+    """The batch (its row in the page) of each of the page's requests."""
+    k = page.batches
+    return np.repeat(np.arange(k), page.ints[:k, PLAIN])
+
+
+def page_usage_rows(page: Page, log: BatchLog) -> list[tuple]:
+    """The page's usage_log rows, one per batch that had plain requests: `requests` as an
+    object of columns (see usage_log), a column the same for every request stated once."""
+    k, end = page.batches, page.requests
+    if not end:
+        return []
+    ints, times = page.ints[:k], page.times[:k]
+    arrival = page.arrival[:end]
+    # whole microseconds: a third of the bytes of float milliseconds, and cheaper to write
+    queue_us = ((times[_request_batches(page), DISPATCHED] - arrival) * 1e6 + 0.5).astype(np.int64)
+    counts = ints[:, PLAIN]
+    ran = np.flatnonzero(counts)
+    starts = (np.cumsum(counts) - counts)[ran]
+    first = np.minimum.reduceat(arrival, starts)
+    all_ints, all_times = ints.tolist(), times.tolist()
+    rows = []
+    for b, s, earliest in zip(ran.tolist(), starts.tolist(), first.tolist(), strict=True):
+        batch_id, usage_id, key, size, _, n, _, tenant, flags = all_ints[b]
+        _, compute_ms, dispatched, done, done_at = all_times[b]
+        e = s + n
         columns = {
-            "queue_us": queue_us,
-            "request_id": None if ids.count(None) == n else ids,
-            "tenant": tenants[0] if tenants.count(tenants[0]) == n else tenants,
-            "items": 1 if self.items is None else self.items,
-            "cost_pusd": self.costs,
-            "status": 200 if self.statuses is None else self.statuses,
+            "queue_us": queue_us[s:e],
+            "request_id": page.request_ids.get(b),
+            "tenant": log.tenants[tenant] if tenant != MIXED
+            else [log.tenants[c] for c in page.tenant[s:e].tolist()],
+            "items": page.items[s:e] if flags & ITEMS else 1,
+            "cost_pusd": page.cost[s:e],
+            "status": page.status[s:e] if flags & STATUSES else 200,
         }
-        return (self.id, self._epoch(min(self.arrivals)), self.model, self.version,
-                self.variant, self.batch_id, self.batch_size, self.compute_ms, self.done_at,
-                (self.done - self.dispatched) * 1000,
-                orjson.dumps(columns, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+        rows.append((usage_id, done_at - (done - earliest), *log.keys[key][:3], batch_id, size,
+                     compute_ms, done_at, (done - dispatched) * 1000,
+                     orjson.dumps(columns, option=orjson.OPT_SERIALIZE_NUMPY).decode()))
+    return rows
 
-    def explicit(self) -> UsageChunk:
-        """The same usage with every field stated in its records (spill files keep this)."""
-        done, dispatched = self.done, self.dispatched
-        columns = zip(self.request_ids, self.tenants, self.items or repeat(1), self.arrivals,
-                      self.costs, self.statuses or repeat(200), strict=False)
-        records = tuple((self.id + place, request_id, self._epoch(a), tenant, items,
-                         (dispatched - a) * 1000, (done - a) * 1000, cost, status)
-                        for place, (request_id, tenant, items, a, cost, status)
+
+def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
+    """Add the page's requests to usage rollup sums by (minute, model, version, variant,
+    tenant): sorted by key, summed per run of equal keys."""
+    end = page.requests
+    if not end:
+        return
+    of = _request_batches(page)
+    ints, times = page.ints[of], page.times[of]
+    arrival = page.arrival[:end]
+    minute = (arrival + times[:, DONE_AT] - times[:, DONE]).astype(np.int64)
+    minute -= minute % 60
+    key = ints[:, KEY]
+    tenant = ints[:, TENANT]
+    mixed = tenant == MIXED
+    if mixed.any():
+        tenant = np.where(mixed, page.tenant[:end], tenant)
+    order = np.lexsort((tenant, key, minute))
+    minute, key, tenant = minute[order], key[order], tenant[order]
+    starts = np.flatnonzero(np.concatenate((
+        [True], (minute[1:] != minute[:-1]) | (key[1:] != key[:-1])
+        | (tenant[1:] != tenant[:-1]))))
+
+    def sums(values: np.ndarray) -> list:
+        return np.add.reduceat(values[order], starts).tolist()
+
+    queue_ms = (times[:, DISPATCHED] - arrival) * 1000
+    groups = zip(minute[starts].tolist(), key[starts].tolist(), tenant[starts].tolist(),
+                 np.diff(np.append(starts, end)).tolist(),
+                 sums((page.status[:end] == 200).astype(np.int64)), sums(page.items[:end]),
+                 sums(page.cost[:end]), sums(times[:, COMPUTE_MS]), sums(queue_ms),
+                 sums((times[:, DONE] - arrival) * 1000), strict=True)
+    for m, k, t, n, ok, items, cost, compute_ms, queue, total in groups:
+        model, version, variant = log.keys[k][:3]
+        _add(acc, (m, model, version, variant or REF, log.tenants[t]),
+             (n, ok, n - ok, items, cost, compute_ms, queue, total))
+
+
+def page_chunks(page: Page, log: BatchLog) -> list[UsageChunk]:
+    """The page's usage with every record stated (spill files keep this)."""
+    k, end = page.batches, page.requests
+    arrival, cost = page.arrival[:end].tolist(), page.cost[:end].tolist()
+    items, status = page.items[:end].tolist(), page.status[:end].tolist()
+    chunks, s = [], 0
+    for b, (i, t) in enumerate(zip(page.ints[:k].tolist(), page.times[:k].tolist(),
+                                   strict=True)):
+        n = i[PLAIN]
+        if not n:
+            continue
+        e = s + n
+        epoch = t[DONE_AT] - t[DONE]  # perf_counter seconds to epoch seconds
+        tenants = (repeat(log.tenants[i[TENANT]], n) if i[TENANT] != MIXED
+                   else [log.tenants[c] for c in page.tenant[s:e].tolist()])
+        columns = zip(page.request_ids.get(b) or repeat(None, n), tenants, items[s:e],
+                      arrival[s:e], cost[s:e], status[s:e], strict=False)
+        records = tuple((i[USAGE_ID] + place, request_id, epoch + a, tenant, rows,
+                         (t[DISPATCHED] - a) * 1000, (t[DONE] - a) * 1000, c, st)
+                        for place, (request_id, tenant, rows, a, c, st)
                         in enumerate(columns, start=1))
-        return UsageChunk(self.id, self._epoch(min(self.arrivals)), self.model, self.version,
-                          self.variant, self.batch_id, self.batch_size, self.compute_ms, records)
-
-    def rollup_into(self, acc: dict[tuple, list]) -> None:
-        head = (self.model, self.version, self.variant or REF)
-        tenants, arrivals, n = self.tenants, self.arrivals, len(self.tenants)
-        items = self.items or repeat(1, n)
-        run_ms = (self.done - self.dispatched) * 1000
-        first = int(self._epoch(min(arrivals))) // 60
-        if tenants.count(tenants[0]) == n and first == int(self._epoch(max(arrivals))) // 60:
-            # the common case, in C: one tenant, one minute
-            ok = n if self.statuses is None else self.statuses.count(200)
-            queue_ms = (n * self.dispatched - sum(arrivals)) * 1000
-            _add(acc, (first * 60, *head, tenants[0]),
-                 (n, ok, n - ok, sum(items), sum(self.costs), self.compute_ms * n,
-                  queue_ms, queue_ms + n * run_ms))
-            return
-        statuses = self.statuses or repeat(200, n)
-        for a, tenant, rows, cost, status in zip(arrivals, tenants, items, self.costs, statuses,
-                                                 strict=True):
-            ts = int(self._epoch(a))
-            ok = int(status == 200)
-            queue_ms = (self.dispatched - a) * 1000
-            _add(acc, (ts - ts % 60, *head, tenant),
-                 (1, ok, 1 - ok, rows, cost, self.compute_ms, queue_ms, queue_ms + run_ms))
+        chunks.append(UsageChunk(i[USAGE_ID], epoch + min(arrival[s:e]), *log.keys[i[KEY]][:3],
+                                 i[BATCH_ID], i[ROWS], t[COMPUTE_MS], records))
+        s = e
+    return chunks
 
 
 def open_engine(url: str) -> Engine:
@@ -431,8 +485,9 @@ class LedgerWriter:
         self.prune_interval_s = prune_interval_s
         self._next_prune = time.monotonic() + min(60.0, prune_interval_s)
         self._next_heartbeat = 0.0
-        self._usage: deque[UsageChunk | BatchUsage] = deque()
-        self._batches: deque[BatchRecord] = deque()
+        self.log = BatchLog()  # batches and their plain requests, from the event loop
+        self._usage: deque[UsageChunk] = deque()  # the rest: rejects, cascade flows
+        self._unwritten: list[Page] = []  # taken from the log, not yet written
         self.replica_id = _register_replica(engine)
         self._next_id = (self.replica_id << 40) + 1
         self._stop = threading.Event()
@@ -445,15 +500,13 @@ class LedgerWriter:
         return first
 
     # hot path: deque.append is atomic under the GIL, no lock needed
-    def add_usage(self, chunk: UsageChunk | BatchUsage) -> None:
+    def add_usage(self, chunk: UsageChunk) -> None:
         self._usage.append(chunk)
-
-    def add_batch(self, record: BatchRecord) -> None:
-        self._batches.append(record)
 
     @property
     def pending(self) -> int:
-        return len(self._usage) + len(self._batches)
+        """Batches and usage chunks not yet written."""
+        return len(self._usage) + self.log.pending + sum(p.batches for p in self._unwritten)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
@@ -494,37 +547,43 @@ class LedgerWriter:
 
     def flush(self) -> bool:
         """Write what is pending now; on failure put it back and say so."""
-        usage_rows = _drain(self._usage)
-        batch_rows = _drain(self._batches)
+        pages = self._unwritten + self.log.take()
+        chunks = _drain(self._usage)
         heartbeat = time.monotonic() >= self._next_heartbeat
-        if not usage_rows and not batch_rows and not heartbeat:
+        if not pages and not chunks and not heartbeat:
             return True
         try:
-            minutes = rollup_usage(usage_rows)
+            batch_rows = [row for page in pages for row in page_batch_rows(page, self.log)]
+            usage_rows = [row for page in pages for row in page_usage_rows(page, self.log)]
+            usage_rows += [c.row() for c in chunks]
+            minutes = rollup_usage(chunks, pages, self.log)
             upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
                        *rollup_batches(batch_rows, self.replica_id))
-            _write(self.engine, ((batches, batch_rows), (usage_log, [c.row() for c in usage_rows])),
+            _write(self.engine, ((batches, batch_rows), (usage_log, usage_rows)),
                    upserts, (time.time(), self.replica_id) if heartbeat else None)
             if heartbeat:
                 self._next_heartbeat = time.monotonic() + HEARTBEAT_S
         except Exception as exc:  # noqa: BLE001 - any database failure: keep the rows, retry
-            rows = len(usage_rows) + len(batch_rows)
-            log.warning("ledger write of %d rows failed, will retry: %s", rows, exc)
-            self._usage.extendleft(reversed(usage_rows))
-            self._batches.extendleft(reversed(batch_rows))
+            rows = len(chunks) + sum(page.batches for page in pages)
+            log.warning("ledger write of %d batches and chunks failed, will retry: %s", rows, exc)
+            self._unwritten = pages
+            self._usage.extendleft(reversed(chunks))
             return False
+        self._unwritten = []
+        self.log.recycle(pages)
         return True
 
     def _spill(self) -> None:
         path = self.spill_dir / f"ledger-spill-{int(time.time())}.jsonl"
         batch_names = [str(c.name) for c in batches.columns]  # orjson: keys exactly str
         usage_names = [str(c.name) for c in usage_log.columns]
+        pages, self._unwritten = self._unwritten + self.log.take(), []
         with path.open("ab") as out:
-            for row in _drain(self._batches):
+            for row in (row for page in pages for row in page_batch_rows(page, self.log)):
                 out.write(orjson.dumps({"table": "batches", **dict(zip(batch_names, row,
                                                                         strict=True))}) + b"\n")
-            for chunk in _drain(self._usage):
-                chunk = chunk.explicit()
+            for chunk in [c for page in pages for c in page_chunks(page, self.log)] + \
+                    _drain(self._usage):
                 doc = dict(zip(usage_names, chunk.row(), strict=True))
                 doc["requests"] = chunk.records
                 out.write(orjson.dumps({"table": "usage_log", **doc}) + b"\n")
@@ -629,12 +688,16 @@ def _upsert_sql(table: Table, mark: str = "?") -> str:
             f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}{extra}")
 
 
-def rollup_usage(chunks: list[UsageChunk | BatchUsage]) -> list[tuple]:
-    """usage_rollup rows for some chunks: one per (minute, model, version, variant, tenant),
-    sorted by key (concurrent writers then lock rows in one order: no deadlocks)."""
+def rollup_usage(chunks: list[UsageChunk], pages: list[Page] = (),
+                 log: BatchLog | None = None) -> list[tuple]:
+    """usage_rollup rows for some chunks and batch log pages (of `log`): one per (minute, model,
+    version, variant, tenant), sorted by key (concurrent writers then lock rows in one order:
+    no deadlocks)."""
     acc: dict[tuple, list] = {}
     for chunk in chunks:
         chunk.rollup_into(acc)
+    for page in pages:
+        page_rollup_into(page, log, acc)
     return [(*key, *a) for key, a in sorted(acc.items())]
 
 

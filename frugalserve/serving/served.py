@@ -11,7 +11,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..economics.ledger import BatchUsage, LedgerWriter, UsageChunk
+from ..economics.ledger import LedgerWriter, UsageChunk
 from ..economics.meter import Meter, split_cost, split_evenly
 from ..repository import DeviceConfig, LoadedVersion, ModelConfig
 from ..repository.plan import REFERENCE, Stage
@@ -93,7 +93,12 @@ class ServedVersion:
         self.max_queue_delay_s = b.max_queue_delay_ms / 1000
         self.confidence_output = plan.confidence_output if plan is not None else None
         self.batchers: dict[str, Batcher] = {}
+        self._log_keys: dict[str, int] = {}  # by variant: its code in the ledger's batch log
         for variant in (plan.variants if plan is not None else [REFERENCE]):
+            if self.ledger is not None:
+                self._log_keys[variant] = self.ledger.log.key(
+                    model, loaded.version, variant, config.device.type, config.device.pricing,
+                    config.device.share)
             name = f"{model}/{loaded.version}" + ("" if variant == REFERENCE else f"/{variant}")
             runtime = loaded.runtime_of(variant)
             self.batchers[variant] = Batcher(
@@ -210,11 +215,8 @@ class ServedVersion:
             shares = (split_evenly(cost, len(items)) if batch.rows == len(items)
                       else split_cost(cost, list(map(_ROWS, items))))
             batch_id = ledger.reserve_ids()
-            ledger.add_batch((batch_id, batch.started_at, self.model, self.version, variant,
-                              self.device.type, self.device.pricing, self.device.share,
-                              batch.rows, len(items), compute_s * 1000, cost))
         else:
-            batch_id = None
+            batch_id = cost = None
             shares = [0] * len(items)
         outputs, error = batch.outputs, batch.error
         sliced = len(items) > 1
@@ -278,32 +280,35 @@ class ServedVersion:
             statuses = [odd.get(k, 200) for k in keep] if odd else None
         else:
             statuses = None
-        if plain:
-            self._meter_plain(ledger, variant, batch, batch_id, plain, shares, statuses, now, wall)
+        self._meter(ledger, variant, batch, batch_id, cost, plain, shares, statuses, now, wall)
         if closed:
             for path, chunk in closed.items():
                 ledger.add_usage(UsageChunk(ledger.reserve_ids(), chunk[0][2], self.model,
                                             self.version, path, batch_id, batch.rows,
                                             compute_s * 1000, tuple(chunk)))
 
-    def _meter_plain(self, ledger: LedgerWriter, variant: str, batch: Batch, batch_id: int,
-                     plain: list[Pending], shares: list[int], statuses: list[int] | None,
-                     now: float, wall: float) -> None:
-        """The usage of a batch's plain requests, taken column by column in C (map over the
-        items), with no Python step per request: what metering costs the hot path."""
+    def _meter(self, ledger: LedgerWriter, variant: str, batch: Batch, batch_id: int, cost: int,
+               plain: list[Pending], shares: list[int], statuses: list[int] | None, now: float,
+               wall: float) -> None:
+        """The batch, and the usage of its plain requests, into the ledger's batch log: each
+        column taken in C (map over the items), no Python step per request."""
+        n = len(plain)
         tenants = tuple(map(_TENANT, plain))
-        if tenants.count(tenants[0]) == len(tenants):
-            self.stats.cost_pusd[tenants[0]] += sum(shares)
+        tenant: str | tuple[str, ...] = tenants
+        if n and tenants.count(tenants[0]) == n:
+            tenant = tenants[0]
+            self.stats.cost_pusd[tenant] += sum(shares)
         else:
-            for tenant, share in zip(tenants, shares, strict=True):
-                self.stats.cost_pusd[tenant] += share
+            for name, share in zip(tenants, shares, strict=True):
+                self.stats.cost_pusd[name] += share
+        ids = tuple(map(_REQUEST_ID, plain))
         rows = batch.rows if plain is batch.items else sum(map(_ROWS, plain))
-        ledger.add_usage(BatchUsage(
-            ledger.reserve_ids(len(plain) + 1), self.model, self.version, variant, batch_id,
-            batch.rows, batch.compute_s * 1000, batch.dispatched, now, wall,
-            request_ids=tuple(map(_REQUEST_ID, plain)), tenants=tenants,
-            arrivals=tuple(map(_ARRIVAL, plain)), costs=shares,
-            items=None if rows == len(plain) else tuple(map(_ROWS, plain)), statuses=statuses))
+        ledger.log.record(
+            self._log_keys[variant], batch_id, ledger.reserve_ids(n + 1), batch.started_at,
+            batch.rows, len(batch.items), batch.compute_s * 1000, cost, batch.dispatched, now,
+            wall, list(map(_ARRIVAL, plain)), shares, tenant,
+            items=None if rows == n else list(map(_ROWS, plain)), statuses=statuses,
+            request_ids=None if ids.count(None) == n else ids)
 
     def _failed(self, error: BaseException) -> ModelFailed:
         return ModelFailed(f"model '{self.model}' version {self.version} failed: {error}")

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cache
 from itertools import repeat
 from pathlib import Path
 
@@ -366,20 +367,55 @@ def page_usage_rows(page: Page, log: BatchLog) -> list[tuple]:
 
 def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
     """Add the page's requests to usage rollup sums by (minute, model, version, variant,
-    tenant): sorted by key, summed per run of equal keys."""
-    end = page.requests
+    tenant). A batch of one tenant whose requests all arrived in one minute (the common case)
+    is summed whole, with numpy over its requests and one Python step; the requests of the
+    other batches are grouped one by one."""
+    k, end = page.batches, page.requests
     if not end:
         return
-    of = _request_batches(page)
-    ints, times = page.ints[of], page.times[of]
+    counts = page.ints[:k, PLAIN]
+    ran = np.flatnonzero(counts)
+    n = counts[ran]
+    starts = np.cumsum(counts)[ran] - n
+    ints, times = page.ints[ran], page.times[ran]
     arrival = page.arrival[:end]
+    epoch = times[:, DONE_AT] - times[:, DONE]  # perf_counter seconds to epoch seconds
+    minute = (np.minimum.reduceat(arrival, starts) + epoch).astype(np.int64) // 60
+    last = (np.maximum.reduceat(arrival, starts) + epoch).astype(np.int64) // 60
+    whole = (minute == last) & (ints[:, TENANT] != MIXED)
+    arrived = np.add.reduceat(arrival, starts)
+    batches = zip(
+        whole.tolist(), (minute * 60).tolist(), ints[:, KEY].tolist(), ints[:, TENANT].tolist(),
+        n.tolist(), np.add.reduceat(page.status[:end] == 200, starts, dtype=np.int64).tolist(),
+        np.add.reduceat(page.items[:end], starts).tolist(),
+        np.add.reduceat(page.cost[:end], starts).tolist(), (times[:, COMPUTE_MS] * n).tolist(),
+        ((n * times[:, DISPATCHED] - arrived) * 1000).tolist(),
+        ((n * times[:, DONE] - arrived) * 1000).tolist(), strict=True)
+    for one, m, key, tenant, count, ok, items, cost, compute_ms, queue, total in batches:
+        if one:
+            _add(acc, (m, *_head(log, key), log.tenants[tenant]),
+                 (count, ok, count - ok, items, cost, compute_ms, queue, total))
+    if not whole.all():
+        _rollup_requests(page, log, acc, np.flatnonzero(np.repeat(~whole, n)))
+
+
+def _head(log: BatchLog, key: int) -> tuple[str, str, str]:
+    model, version, variant = log.keys[key][:3]
+    return model, version, variant or REF
+
+
+def _rollup_requests(page: Page, log: BatchLog, acc: dict[tuple, list],
+                     chosen: np.ndarray) -> None:
+    """Add some of the page's requests (their places) to usage rollup sums request by request:
+    sorted by key, summed per run of equal keys."""
+    of = _request_batches(page)[chosen]
+    ints, times = page.ints[of], page.times[of]
+    arrival = page.arrival[chosen]
     minute = (arrival + times[:, DONE_AT] - times[:, DONE]).astype(np.int64)
     minute -= minute % 60
     key = ints[:, KEY]
     tenant = ints[:, TENANT]
-    mixed = tenant == MIXED
-    if mixed.any():
-        tenant = np.where(mixed, page.tenant[:end], tenant)
+    tenant = np.where(tenant == MIXED, page.tenant[chosen], tenant)
     order = np.lexsort((tenant, key, minute))
     minute, key, tenant = minute[order], key[order], tenant[order]
     starts = np.flatnonzero(np.concatenate((
@@ -391,13 +427,13 @@ def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
 
     queue_ms = (times[:, DISPATCHED] - arrival) * 1000
     groups = zip(minute[starts].tolist(), key[starts].tolist(), tenant[starts].tolist(),
-                 np.diff(np.append(starts, end)).tolist(),
-                 sums((page.status[:end] == 200).astype(np.int64)), sums(page.items[:end]),
-                 sums(page.cost[:end]), sums(times[:, COMPUTE_MS]), sums(queue_ms),
+                 np.diff(np.append(starts, len(chosen))).tolist(),
+                 sums((page.status[chosen] == 200).astype(np.int64)),
+                 sums(page.items[chosen]), sums(page.cost[chosen]),
+                 sums(times[:, COMPUTE_MS]), sums(queue_ms),
                  sums((times[:, DONE] - arrival) * 1000), strict=True)
     for m, k, t, n, ok, items, cost, compute_ms, queue, total in groups:
-        model, version, variant = log.keys[k][:3]
-        _add(acc, (m, model, version, variant or REF, log.tenants[t]),
+        _add(acc, (m, *_head(log, k), log.tenants[t]),
              (n, ok, n - ok, items, cost, compute_ms, queue, total))
 
 
@@ -452,6 +488,7 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+@cache
 def _insert_sql(table: Table) -> str:
     # Plain DB-API executemany on tuples: several times cheaper per row than Core inserts,
     # which matters because the writer shares the server's core.
@@ -459,6 +496,7 @@ def _insert_sql(table: Table) -> str:
     return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
 
 
+@cache
 def _copy_sql(table: Table) -> str:
     return f"COPY {table.name} ({', '.join(c.name for c in table.columns)}) FROM STDIN"
 
@@ -676,6 +714,7 @@ def _spilled_chunk(doc: dict) -> UsageChunk:
                       records=tuple(records))
 
 
+@cache
 def _upsert_sql(table: Table, mark: str = "?") -> str:
     """INSERT ... ON CONFLICT DO UPDATE adding the new sums (SQLite >= 3.24 and PostgreSQL)."""
     names = [c.name for c in table.columns]

@@ -16,6 +16,9 @@ there is no difference to find (its own error), published beside the result.
 revision REV ("off", its `frugalserve/` from `git archive`): what a change to the hot path
 costs or saves, read the same way (negative: HEAD is cheaper).
 
+`--flush-against S` loads the metered server at the default ledger flush interval ("on")
+beside one whose writer flushes every S seconds ("off"): what the interval costs.
+
 One command: `.venv/bin/python bench/metering.py` (then `--control`).
 """
 
@@ -40,6 +43,7 @@ from machine import git_revision
 from rich.console import Console
 from rich.table import Table
 
+from frugalserve.economics.ledger import FLUSH_INTERVAL_S
 from frugalserve.progress import new_progress
 
 ROUNDS = 30
@@ -65,7 +69,7 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
         thread.start()
     for thread in threads:
         thread.join()
-    time.sleep(0.7)  # the writer's last flush of the round
+    time.sleep(FLUSH_INTERVAL_S + 0.2)  # the writer's last flush of the round: in its CPU
     for key, result in results.items():
         if result.non_2xx or result.socket_errors:
             raise RuntimeError(f"metering {key}: failed requests in the run")
@@ -94,9 +98,19 @@ class Comparison:
     pair: str  # the two servers, in words
     title: str  # of the section
     result: str  # the result's name, before its figure
+    cheaper: str = ""  # what a negative result means
 
 
-def comparison(control: bool, against: str | None, scratch: Path) -> Comparison:
+def comparison(control: bool, against: str | None, flush_against: float | None,
+               scratch: Path) -> Comparison:
+    if flush_against:
+        default = f"{FLUSH_INTERVAL_S:g} s"
+        return Comparison("metering-flush", f" --flush-against {flush_against:g}",
+                          servers.FRUGAL, servers.frugalserve_flushing(flush_against),
+                          f"both metered: ledger flushes every {default} on, every "
+                          f"{flush_against:g} s off", f"flush interval {default} against "
+                          f"{flush_against:g} s", f"Flushing every {default} against every "
+                          f"{flush_against:g} s", f"flushing every {default} is cheaper")
     if against:
         source = scratch / "against"
         source.mkdir()
@@ -109,7 +123,8 @@ def comparison(control: bool, against: str | None, scratch: Path) -> Comparison:
         return Comparison("metering-against", f" --against {against}",
                           servers.FRUGAL, servers.frugalserve_at(source, against),
                           f"both metered: HEAD on, {against} off",
-                          f"HEAD against {against}", f"HEAD against {against}")
+                          f"HEAD against {against}", f"HEAD against {against}",
+                          "HEAD is cheaper")
     if control:
         return Comparison("metering-control", " --control", servers.FRUGAL_OFF,
                           servers.FRUGAL_OFF, "two unmetered servers in the on and off places",
@@ -126,12 +141,15 @@ def main() -> int:
                        help="both servers unmetered: the method's own error")
     which.add_argument("--against", metavar="REV",
                        help="the metered server at HEAD beside the one at git revision REV")
+    which.add_argument("--flush-against", metavar="S", type=float,
+                       help="the metered server at the default ledger flush interval beside "
+                            "one flushing every S seconds")
     args = parser.parse_args()
     console = Console()
     workload = workloads.digits(OUT / "models")
     scratch = Path(tempfile.mkdtemp(prefix="frugalserve-metering-"))
     script = loadgen.write_script(workload.body(), scratch / "digits.lua")
-    compared = comparison(args.control, args.against, scratch)
+    compared = comparison(args.control, args.against, args.flush_against, scratch)
     rounds: list[dict[str, float]] = []
     with servers.Running(compared.subject, workload, scratch / "on",
                          OUT / "logs" / "on.log") as on, \
@@ -220,8 +238,8 @@ def _publish(rounds: list[dict[str, float]], cost: float, compared: Comparison,
         result = (f"Control: **{100 * cost:.2f} %** (median round) where the true difference "
                   f"is 0; {spread}.")
     else:
-        result = (f"{compared.result}: **{100 * cost:+.2f} %** (median round) of HEAD's CPU per "
-                  f"request (negative: HEAD is cheaper); {spread}.")
+        result = (f"{compared.result}: **{100 * cost:+.2f} %** (median round) of the on "
+                  f"server's CPU per request (negative: {compared.cheaper}); {spread}.")
     result += f" Where (on - off, median round): {_where(rounds)}."
     section = "\n".join([
         f"## Metering cost, side by side{', ' + compared.title if compared.title else ''}, "

@@ -124,6 +124,18 @@ def frugalserve_at(source: Path, label: str) -> Server:
     return Server(f"frugalserve-{label}", f"frugalserve {label}", prepare, _frugalserve_counters)
 
 
+def frugalserve_flushing(interval_s: float) -> Server:
+    """Metered frugalserve whose ledger writer flushes every `interval_s` seconds."""
+    metered = _frugalserve(metering=True)
+
+    def prepare(workload: Workload, port: int, scratch: Path) -> Launch:
+        launch = metered(workload, port, scratch)
+        return Launch([*launch.argv, "--flush-interval", str(interval_s)], launch.env)
+
+    return Server(f"frugalserve-flush-{interval_s:g}", f"frugalserve flushing every "
+                  f"{interval_s:g} s", prepare, _frugalserve_counters)
+
+
 NAIVE = Server("naive", "naive FastAPI", _naive)
 MLSERVER = Server("mlserver", "MLServer", _mlserver)
 BARE = Server("bare", "bare ASGI", _bare)

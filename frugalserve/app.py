@@ -17,7 +17,7 @@ from pathlib import Path
 import uvloop
 
 from .economics.alerts import AlertSink
-from .economics.ledger import LedgerWriter, open_engine, sqlite_url
+from .economics.ledger import FLUSH_INTERVAL_S, LedgerWriter, open_engine, sqlite_url
 from .economics.ratecard import RateCard
 from .protocols.http_server import HttpServer
 from .protocols.v2_rest import DEFAULT_MAX_BODY_BYTES, V2App, V2Handler
@@ -39,7 +39,7 @@ class ServerSettings:
     metering: bool = True
     poll_interval_s: float | None = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    flush_interval_s: float = 0.5
+    flush_interval_s: float = FLUSH_INTERVAL_S
     retention_days: float | None = 30.0  # raw usage/batch rows; rollups are kept (None: all)
     # API keys: None (auto) = anonymous requests allowed while the ledger holds no active key;
     # True = always (a trusted network); False = never. Admin routes follow the same rule.

@@ -39,6 +39,9 @@ def serve(
     poll_interval: float = typer.Option(2.0, help="Seconds between repository polls for "
                                         "changed models (0: off)."),
     max_body_mb: float = typer.Option(64.0, help="Largest request body accepted, in MiB."),
+    flush_interval: float = typer.Option(2.0, help="Seconds between ledger writes: a crash "
+                                         "loses at most this much usage (a clean shutdown "
+                                         "writes everything)."),
     log_level: str = typer.Option("info", help="Log level."),
     allow_anonymous: bool = typer.Option(None, "--allow-anonymous/--require-key", help="Accept "
                                          "requests without an API key (default: only while "
@@ -63,7 +66,7 @@ def serve(
     settings = ServerSettings(repository, ledger, rate_card, metering, poll_interval or None,
                               int(max_body_mb * 1024 * 1024), allow_anonymous=allow_anonymous,
                               trust_tenant_header=trust_tenant_header, budgets_file=budgets,
-                              alert_webhook=alert_webhook)
+                              alert_webhook=alert_webhook, flush_interval_s=flush_interval)
     from sqlalchemy.exc import SQLAlchemyError
 
     from .economics.ratecard import RateCardError

@@ -18,6 +18,7 @@ CASES = [
     (["serve", "{tmp}/models", "--log-level", "nosuch"], "--log-level"),
     (["serve", "{tmp}/models", "--max-body-mb", "nan"], "--max-body-mb"),
     (["serve", "{tmp}/models", "--poll-interval", "-1"], "poll"),
+    (["serve", "{tmp}/models", "--flush-interval", "0"], "flush interval must be positive"),
     (["ledger", "prune", "--days", "0", "--ledger", "{db}"], "positive number of days"),
     (["ledger", "prune", "--days", "nan", "--ledger", "{db}"], "positive number of days"),
     (["budgets", "alerts", "--limit", "0", "--ledger", "{db}"], "at least 1"),

@@ -7,7 +7,13 @@ saturated server's throughput is the inverse of its CPU per request, so this is 
 throughput cost, taken where both servers see the same machine at the same moment. Runs one
 after another do not: a server's CPU per request moves by more than the effect between
 consecutive rounds (36 to 66 µs in the run BENCHMARKS.md records), while the cost of each
-round moves far less. The result is the median round.
+round moves far less.
+
+The two places are not alike: the server started first, whose load also starts first in each
+round, can pay a point more by itself (two unmetered servers read +1.03 % at 40be2fa). So the
+servers swap places halfway: ROUNDS / 2 rounds with the on server first, then both are
+restarted in the other order for ROUNDS / 2 more. The result is the mean of the two halves'
+medians, in which a place's own cost cancels; half their difference is that cost.
 
 `--control` runs the same rounds with both servers unmetered: what the method reads when
 there is no difference to find (its own error), published beside the result.
@@ -25,6 +31,7 @@ One command: `.venv/bin/python bench/metering.py` (then `--control`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -54,17 +61,19 @@ OUT = Path(__file__).resolve().parent / "out"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
-def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[str, float]:
-    """Both servers loaded at once; the CPU per request of each."""
+def one_round(running: dict[str, servers.Running], first: str,
+              script: Path) -> dict[str, float]:
+    """Both servers loaded at once, `first`'s load started first; the CPU per request of each."""
+    on, off = running["on"], running["off"]
     results: dict[str, loadgen.WrkResult] = {}
     counted = {"on": on.counters(), "off": off.counters()}
     before = {"on": on.cpu_seconds(), "off": off.cpu_seconds()}
     loop_before = {"on": on.cpu_seconds(True), "off": off.cpu_seconds(True)}
 
-    def load(key: str, running: servers.Running) -> None:
-        results[key] = loadgen.run(running.infer_url, script, CONNECTIONS, SECONDS)
+    def load(key: str) -> None:
+        results[key] = loadgen.run(running[key].infer_url, script, CONNECTIONS, SECONDS)
 
-    threads = [threading.Thread(target=load, args=item) for item in (("on", on), ("off", off))]
+    threads = [threading.Thread(target=load, args=(key,)) for key in _places(first)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -80,11 +89,49 @@ def one_round(on: servers.Running, off: servers.Running, script: Path) -> dict[s
         row[f"{key}_loop_us"] = \
             (running.cpu_seconds(True) - loop_before[key]) / served[key] * 1e6
     row["cost"] = 1 - row["off_us"] / row["on_us"]
+    row["first"] = first
     for key, running in (("on", on), ("off", off)):  # after the CPU readings: not in them
         now = running.counters()
         row[f"{key}_batch"] = ((now["requests"] - counted[key]["requests"])
                                / max(1.0, now["batches"] - counted[key]["batches"]))
     return row
+
+
+def half(compared: Comparison, first: str, workload: workloads.Workload, scratch: Path,
+         script: Path, advance) -> list[dict]:
+    """ROUNDS / 2 rounds with `first` ("on" or "off") in the first place: its server started
+    first and, in every round, its load started first. A place can cost a point by itself
+    (the control read +1.03 % at 40be2fa, all in the event loop), so each server takes each
+    place for half the rounds, and the result is the mean of the two halves' medians."""
+    spec = {"on": compared.subject, "off": compared.baseline}
+    with contextlib.ExitStack() as stack:
+        running = {key: stack.enter_context(servers.Running(
+            spec[key], workload, scratch / key, OUT / "logs" / f"{key}-{first}-first.log"))
+            for key in _places(first)}
+        for key in _places(first):
+            running[key].wait_ready()
+            loadgen.run(running[key].infer_url, script, CONNECTIONS, 3)  # warm-up
+            advance()
+        rounds = []
+        for _ in range(ROUNDS // 2):
+            rounds.append(one_round(running, first, script))
+            advance()
+    return rounds
+
+
+def _places(first: str) -> tuple[str, str]:
+    return (first, "off" if first == "on" else "on")
+
+
+def _halves(rounds: list[dict], value=lambda r: r["cost"]) -> dict[str, float]:
+    """The median of `value` over the rounds with each server first."""
+    return {first: statistics.median(value(r) for r in rounds if r["first"] == first)
+            for first in ("on", "off")}
+
+
+def _balanced(rounds: list[dict], value=lambda r: r["cost"]) -> float:
+    """The mean of the two halves' medians: a place's own cost cancels out."""
+    return statistics.mean(_halves(rounds, value).values())
 
 
 @dataclass(frozen=True)
@@ -150,29 +197,21 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="frugalserve-metering-"))
     script = loadgen.write_script(workload.body(), scratch / "digits.lua")
     compared = comparison(args.control, args.against, args.flush_against, scratch)
-    rounds: list[dict[str, float]] = []
-    with servers.Running(compared.subject, workload, scratch / "on",
-                         OUT / "logs" / "on.log") as on, \
-            servers.Running(compared.baseline, workload, scratch / "off",
-                            OUT / "logs" / "off.log") as off, \
-            new_progress(console) as progress:
-        task = progress.add_task(f"{compared.pair}, side by side", total=ROUNDS + 2)
-        for running in (on, off):
-            running.wait_ready()
-            loadgen.run(running.infer_url, script, CONNECTIONS, 3)  # warm-up
-            progress.advance(task)
-        for _ in range(ROUNDS):
-            rounds.append(one_round(on, off, script))
-            progress.advance(task)
-    cost = statistics.median(r["cost"] for r in rounds)
+    rounds: list[dict] = []
+    with new_progress(console) as progress:
+        task = progress.add_task(f"{compared.pair}, side by side", total=ROUNDS + 4)
+        for first in ("on", "off"):
+            rounds += half(compared, first, workload, scratch / f"{first}-first", script,
+                           lambda: progress.advance(task))
+    cost = _balanced(rounds)
     table = Table(title=f"metering cost, digits, {CONNECTIONS} conns each, {ROUNDS} rounds")
     for column in HEADER:
         table.add_column(column, justify="right")
     for i, r in enumerate(rounds, 1):
         table.add_row(*_cells(i, r))
     console.print(table)
-    console.print(f"{compared.result}: {100 * cost:.2f} % (median round; the metering target "
-                  f"is <= 3 %); {_where(rounds)}")
+    console.print(f"{compared.result}: {100 * cost:.2f} % ({_reading(rounds)}; the metering "
+                  f"target is <= 3 %); {_where(rounds)}")
     OUT.mkdir(parents=True, exist_ok=True)
     chart = OUT / f"{compared.name}.png"
     _chart(rounds, cost, chart, compared)
@@ -184,21 +223,30 @@ def main() -> int:
 # (engine workers, and with metering on the ledger writer)
 # batch: requests per batch (one row each), from the server's /metrics; a server whose
 # batches are smaller pays the per-batch work over fewer requests
-HEADER = ("round", "on req/s", "off req/s", "on CPU µs/req", "off CPU µs/req", "on loop µs/req",
-          "off loop µs/req", "on batch", "off batch", "cost")
+# first: the server in the first place (started first, its load started first each round)
+HEADER = ("round", "first", "on req/s", "off req/s", "on CPU µs/req", "off CPU µs/req",
+          "on loop µs/req", "off loop µs/req", "on batch", "off batch", "cost")
 
 
-def _cells(i: int | str, r: dict[str, float]) -> list[str]:
-    return [str(i), f"{r['on_rps']:,.0f}", f"{r['off_rps']:,.0f}", f"{r['on_us']:.1f}",
+def _cells(i: int | str, r: dict) -> list[str]:
+    return [str(i), r["first"], f"{r['on_rps']:,.0f}", f"{r['off_rps']:,.0f}", f"{r['on_us']:.1f}",
             f"{r['off_us']:.1f}", f"{r['on_loop_us']:.1f}", f"{r['off_loop_us']:.1f}",
             f"{r['on_batch']:.1f}", f"{r['off_batch']:.1f}", f"{100 * r['cost']:.1f} %"]
 
 
-def _where(rounds: list[dict[str, float]]) -> str:
+def _reading(rounds: list[dict]) -> str:
+    """How the result was read: each half's median and the place's own cost between them."""
+    halves = _halves(rounds)
+    return (f"mean of the halves' medians: {100 * halves['on']:.2f} % with on first, "
+            f"{100 * halves['off']:.2f} % with off first; the first place's own cost "
+            f"{50 * (halves['on'] - halves['off']):+.2f} %")
+
+
+def _where(rounds: list[dict]) -> str:
     """The on server's extra CPU per request on its event loop and on its other threads."""
-    loop = statistics.median(r["on_loop_us"] - r["off_loop_us"] for r in rounds)
-    rest = statistics.median((r["on_us"] - r["on_loop_us"]) - (r["off_us"] - r["off_loop_us"])
-                             for r in rounds)
+    loop = _balanced(rounds, lambda r: r["on_loop_us"] - r["off_loop_us"])
+    rest = _balanced(rounds, lambda r: (r["on_us"] - r["on_loop_us"])
+                     - (r["off_us"] - r["off_loop_us"]))
     return f"event loop {loop:+.2f} µs/req, other threads {rest:+.2f} µs/req"
 
 
@@ -210,8 +258,11 @@ def _chart(rounds: list[dict[str, float]], cost: float, path: Path,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(range(1, len(rounds) + 1), [100 * r["cost"] for r in rounds], color="#4878a8")
-    ax.axhline(100 * cost, color="black", linewidth=1, label=f"median {100 * cost:.2f} %")
+    for first, color in (("on", "#4878a8"), ("off", "#dd8452")):
+        places = [(i, 100 * r["cost"]) for i, r in enumerate(rounds, 1) if r["first"] == first]
+        ax.bar(*zip(*places, strict=True), color=color, label=f"{first} first")
+    ax.axhline(100 * cost, color="black", linewidth=1,
+               label=f"result {100 * cost:.2f} % (mean of the halves' medians)")
     if compared.name == "metering":
         ax.axhline(100 * TARGET, color="#c44e52", linestyle="--", label="target 3 %")
     ax.set_xlabel("round (both servers loaded at once)")
@@ -226,21 +277,21 @@ def _chart(rounds: list[dict[str, float]], cost: float, path: Path,
 def _publish(rounds: list[dict[str, float]], cost: float, compared: Comparison,
              chart: Path) -> None:
     today = date.today().isoformat()
-    median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    median = {"first": "", **{k: statistics.median(r[k] for r in rounds)
+                              for k in rounds[0] if k != "first"}}
     lines = [f"| {' | '.join(_cells(i, r))} |" for i, r in enumerate(rounds, 1)]
     spread = (f"rounds from {100 * min(r['cost'] for r in rounds):.1f} to "
               f"{100 * max(r['cost'] for r in rounds):.1f} %")
     if compared.name == "metering":
         verdict = "PASS" if cost <= TARGET else "FAIL"
-        result = (f"Metering cost: **{100 * cost:.2f} %** (median round; target <= 3 %): "
-                  f"**{verdict}**.")
+        result = f"Metering cost: **{100 * cost:.2f} %** (target <= 3 %): **{verdict}**."
     elif compared.name == "metering-control":
-        result = (f"Control: **{100 * cost:.2f} %** (median round) where the true difference "
-                  f"is 0; {spread}.")
+        result = f"Control: **{100 * cost:.2f} %** where the true difference is 0."
     else:
-        result = (f"{compared.result}: **{100 * cost:+.2f} %** (median round) of the on "
-                  f"server's CPU per request (negative: {compared.cheaper}); {spread}.")
-    result += f" Where (on - off, median round): {_where(rounds)}."
+        result = (f"{compared.result}: **{100 * cost:+.2f} %** of the on server's CPU per "
+                  f"request (negative: {compared.cheaper}).")
+    result += (f" Read as the {_reading(rounds)}; {spread}. Where (on - off, read the same "
+               f"way): {_where(rounds)}.")
     section = "\n".join([
         f"## Metering cost, side by side{', ' + compared.title if compared.title else ''}, "
         f"{today}",
@@ -248,7 +299,8 @@ def _publish(rounds: list[dict[str, float]], cost: float, compared: Comparison,
         f"- Command: `.venv/bin/python bench/metering.py{compared.option}` "
         f"({compared.pair}, both servers "
         f"pinned to core 0 and loaded at once, each by `wrk -t1 -c{CONNECTIONS} -d{SECONDS}s` "
-        f"on core 1; {ROUNDS} rounds; digits MLP, single-sample JSON; frugalserve "
+        f"on core 1; {ROUNDS} rounds, half with each server in the first place; digits MLP, "
+        f"single-sample JSON; frugalserve "
         f"{git_revision(BENCHMARKS.parent)}). Why side by side: see the module docstring.",
         "- Cost of a round: 1 - (off CPU µs/req) / (on CPU µs/req), each server's CPU time "
         "(all its threads, the ledger writer's included) over the requests it served. Loop: "

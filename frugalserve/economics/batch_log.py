@@ -1,23 +1,24 @@
-"""The batch log: each batch the event loop ran, and its plain requests, as numpy columns.
+"""The batch log: each batch the event loop ran, and its plain requests.
 
     log = BatchLog()
     key = log.key("digits", "1", "reference", "aws-c7i.large", "on_demand", 0.5)
     log.record(key, batch_id, usage_id, started_at, rows, requests, compute_ms, cost,
                dispatched, done, done_at, arrivals, costs, "acme")
-    pages = log.take()  # the ledger writer, at each flush
+    pages = log.take()  # the ledger writer, at each flush: numpy columns
 
-The loop writes a batch's numbers into arrays allocated once (a page); the writer takes the
-filled pages and makes rows and rollups from them with numpy, then hands the pages back.
-Why columns: the loop used to keep a few Python objects per batch until the writer's flush,
-and keeping any objects alive across ~85 batches of the hot path's short-lived ones cost the
-server about 2 % of its throughput, whatever their number (BENCHMARKS.md, "Where the metering
-cost goes"); a page holds none. Only request ids, when clients send them, are kept as objects.
+The loop appends one tuple per batch, holding the lists it made anyway (arrival times, cost
+shares); the writer drains them and lays them out as numpy columns (a Page), from which it
+makes rows and rollups over whole pages. Why this split: under load the hot path's every
+numpy call runs with cold caches, and writing a batch into preallocated arrays on the loop
+(six numpy calls) took about 1 % of the loop's samples in a py-spy profile; one append does
+not show (BENCHMARKS.md, "Metering cost: this session's steps").
 """
 
 from __future__ import annotations
 
-import threading
+from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -32,40 +33,15 @@ MIXED = -1  # Page.ints TENANT of a batch whose requests' tenants differ: see Pa
 Key = tuple[str, str, str, str, str, float]  # model, version, variant, device, pricing, share
 
 
-class Page:
-    """Room for `capacity` batches and `room` requests. A batch's requests are the next PLAIN
-    entries of the request columns, in batch order."""
-
-    __slots__ = ("capacity", "room", "batches", "requests", "ints", "times", "arrival", "cost",
-                 "items", "status", "tenant", "request_ids")
-
-    def __init__(self, capacity: int, room: int):
-        self.capacity, self.room = capacity, room
-        self.batches = 0
-        self.requests = 0
-        self.ints = np.empty((capacity, 9), np.int64)
-        self.times = np.empty((capacity, 5), np.float64)
-        self.arrival = np.empty(room, np.float64)  # perf_counter seconds
-        self.cost = np.empty(room, np.int64)  # pico-dollars
-        self.items = np.empty(room, np.int64)
-        self.status = np.empty(room, np.int16)
-        self.tenant = np.empty(room, np.int32)  # set only for a MIXED batch's requests
-        self.request_ids: dict[int, tuple[str | None, ...]] = {}  # by batch, when any was sent
-
-
 class BatchLog:
-    """Pages the event loop fills and the ledger writer takes. Nothing is dropped: a full page
-    is sealed and a fresh one begun, however long the writer is away."""
+    """Batches recorded by the event loop, taken by the ledger writer. Nothing is dropped:
+    what the writer has not taken waits, however long it is away."""
 
-    def __init__(self, capacity: int = 1024, room: int = 32768):
-        self.capacity, self.room = capacity, room
+    def __init__(self) -> None:
         self.keys: list[Key] = []
-        self.tenants: list[str] = []
+        self.tenants: list[str] = []  # by code; the writer's alone, as is _codes
         self._codes: dict[str, int] = {}
-        self._lock = threading.Lock()  # the writer swaps pages out while the loop records
-        self._page = Page(capacity, room)
-        self._sealed: list[Page] = []
-        self._spare: list[Page] = []
+        self._records: deque[tuple] = deque()  # append and popleft are atomic under the GIL
 
     def key(self, model: str, version: str, variant: str, device: str, pricing: str,
             share: float) -> int:
@@ -75,81 +51,73 @@ class BatchLog:
             self.keys.append(key)
         return self.keys.index(key)
 
-    def _tenant_code(self, tenant: str) -> int:
-        code = self._codes.get(tenant)
-        if code is None:
-            self.tenants.append(tenant)  # before the code is seen: the writer reads by code
-            code = self._codes[tenant] = len(self.tenants) - 1
-        return code
-
     def record(self, key: int, batch_id: int, usage_id: int, started_at: float, rows: int,
                requests: int, compute_ms: float, cost: int, dispatched: float, done: float,
                done_at: float, arrivals: Sequence[float], costs: Sequence[int],
                tenant: str | Sequence[str], items: Sequence[int] | None = None,
                statuses: Sequence[int] | None = None,
-               request_ids: tuple[str | None, ...] | None = None) -> None:
+               request_ids: Sequence[str | None] | None = None) -> None:
         """One batch: `requests` items rode in it, of which the plain ones (`arrivals`, their
         `costs`, `tenant` one str for all or one each, `items` None for one row each,
-        `statuses` None for all 200) are its usage; usage_id is their chunk's id."""
-        n = len(arrivals)
-        with self._lock:
-            page = self._page
-            k, p = page.batches, page.requests
-            if k == page.capacity or p + n > page.room:
-                page = self._turn(n)
-                k = p = 0
-            end = p + n
-            if type(tenant) is str:
-                code = self._codes.get(tenant)
-                if code is None:
-                    code = self._tenant_code(tenant)
-            else:
-                code = MIXED
-                page.tenant[p:end] = list(map(self._tenant_code, tenant))
-            page.ints[k] = (batch_id, usage_id, key, rows, requests, n, cost, code,
-                            (0 if items is None else ITEMS)
-                            | (0 if statuses is None else STATUSES))
-            page.times[k] = (started_at, compute_ms, dispatched, done, done_at)
-            if n:
-                page.arrival[p:end] = arrivals
-                page.cost[p:end] = costs
-                page.items[p:end] = 1 if items is None else items
-                page.status[p:end] = 200 if statuses is None else statuses
-                if request_ids is not None:
-                    page.request_ids[k] = request_ids
-            page.batches = k + 1
-            page.requests = end
-
-    def _turn(self, n: int) -> Page:
-        """Seal the full page and begin one with room for at least n requests."""
-        if self._page.batches:  # else it is only too small for this batch
-            self._sealed.append(self._page)
-        self._page = self._fresh(n)
-        return self._page
-
-    def _fresh(self, n: int = 0) -> Page:
-        if self._spare and self._spare[-1].room >= n:
-            return self._spare.pop()
-        return Page(self.capacity, max(self.room, n))
+        `statuses` None for all 200) are its usage; usage_id is their chunk's id. The
+        sequences are kept as they are: the caller hands them over."""
+        self._records.append((key, batch_id, usage_id, started_at, rows, requests, compute_ms,
+                              cost, dispatched, done, done_at, arrivals, costs, tenant, items,
+                              statuses, request_ids))
 
     def take(self) -> list[Page]:
-        """The pages filled so far, oldest first; the loop goes on in a fresh one."""
-        with self._lock:
-            pages, self._sealed = self._sealed, []
-            if self._page.batches:
-                pages.append(self._page)
-                self._page = self._fresh()
-        return pages
+        """What was recorded so far, as one page (none when nothing was)."""
+        queue = self._records
+        records = [queue.popleft() for _ in range(len(queue))]
+        return [Page(records, self._tenant_code)] if records else []
 
-    def recycle(self, pages: list[Page]) -> None:
-        """Pages whose rows are written, to be filled again (two are kept)."""
-        for page in pages:
-            page.batches = page.requests = 0
-            page.request_ids.clear()
-        with self._lock:
-            self._spare = (self._spare + pages)[:2]
+    def _tenant_code(self, tenant: str) -> int:
+        code = self._codes.get(tenant)
+        if code is None:
+            self.tenants.append(tenant)
+            code = self._codes[tenant] = len(self.tenants) - 1
+        return code
 
     @property
     def pending(self) -> int:
         """Batches recorded and not yet taken."""
-        return sum(page.batches for page in (*self._sealed, self._page))
+        return len(self._records)
+
+
+class Page:
+    """Recorded batches as columns: `ints` and `times` have a row per batch; a batch's plain
+    requests are the next PLAIN entries of the request columns, in batch order."""
+
+    __slots__ = ("batches", "requests", "ints", "times", "arrival", "cost", "items", "status",
+                 "tenant", "request_ids")
+
+    def __init__(self, records: list[tuple], tenant_code) -> None:
+        counts = [len(r[11]) for r in records]
+        self.batches, self.requests = len(records), sum(counts)
+        self.ints = np.array(
+            [(r[1], r[2], r[0], r[4], r[5], n, r[7],
+              tenant_code(r[13]) if type(r[13]) is str else MIXED,
+              (0 if r[14] is None else ITEMS) | (0 if r[15] is None else STATUSES))
+             for r, n in zip(records, counts, strict=True)], np.int64).reshape(-1, 9)
+        self.times = np.array([(r[3], r[6], r[8], r[9], r[10]) for r in records],
+                              np.float64).reshape(-1, 5)
+        self.arrival = np.fromiter(chain.from_iterable(r[11] for r in records), np.float64,
+                                   self.requests)  # perf_counter seconds
+        self.cost = np.fromiter(chain.from_iterable(r[12] for r in records), np.int64,
+                                self.requests)  # pico-dollars
+        self.items = np.ones(self.requests, np.int64)
+        self.status = np.full(self.requests, 200, np.int16)
+        self.tenant = np.empty(self.requests, np.int32)  # set only for a MIXED batch's requests
+        self.request_ids: dict[int, Sequence[str | None]] = {}  # by batch, when any was sent
+        start = 0
+        for b, (r, n) in enumerate(zip(records, counts, strict=True)):
+            end = start + n
+            if r[14] is not None:
+                self.items[start:end] = r[14]
+            if r[15] is not None:
+                self.status[start:end] = r[15]
+            if type(r[13]) is not str:
+                self.tenant[start:end] = list(map(tenant_code, r[13]))
+            if r[16] is not None:
+                self.request_ids[b] = r[16]
+            start = end

@@ -616,7 +616,6 @@ class LedgerWriter:
             self._usage.extendleft(reversed(chunks))
             return False
         self._unwritten = []
-        self.log.recycle(pages)
         return True
 
     def _spill(self) -> None:

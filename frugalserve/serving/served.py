@@ -13,7 +13,7 @@ import numpy as np
 
 from ..economics.ledger import LedgerWriter, UsageChunk
 from ..economics.meter import Meter, split_cost, split_evenly
-from ..repository import DeviceConfig, LoadedVersion, ModelConfig
+from ..repository import LoadedVersion, ModelConfig
 from ..repository.plan import REFERENCE, Stage
 from ..tensors import TensorSpec, datatype_of
 from .admission import settle
@@ -83,7 +83,6 @@ class ServedVersion:
         produced = {s.name for s in loaded.runtime.signature()[1]}
         self._declared = (None if produced <= self._output_names
                           else [s.name for s in self.outputs])
-        self.device: DeviceConfig = config.device
         self.meter = meter
         self.stats = stats
         self.ledger = ledger if meter is not None else None

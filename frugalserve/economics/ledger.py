@@ -1,7 +1,7 @@
 """The ledger: usage and batch records in SQL, written in batches off the hot path.
 
-SQLite (WAL) by default, PostgreSQL by URL; the same schema on both. The hot path writes a
-batch into numpy columns (batch_log) or appends a chunk to a deque; a writer thread inserts
+SQLite (WAL) by default, PostgreSQL by URL; the same schema on both. The hot path records a
+batch in the batch log or appends a chunk to a deque, nothing more; a writer thread inserts
 what accumulated every `flush_interval_s`, and nothing is ever dropped: a failed write is
 retried, and rows that still cannot be written at shutdown are spilled to a JSON-lines file
 beside the database (or the working directory).
@@ -318,26 +318,22 @@ class UsageChunk:
 
 def page_batch_rows(page: Page, log: BatchLog) -> list[BatchRecord]:
     """The page's `batches` rows."""
-    k = page.batches
     return [(i[BATCH_ID], t[STARTED_AT], *log.keys[i[KEY]], i[ROWS], i[REQUESTS],
              t[COMPUTE_MS], i[COST])
-            for i, t in zip(page.ints[:k].tolist(), page.times[:k].tolist(), strict=True)]
+            for i, t in zip(page.ints.tolist(), page.times.tolist(), strict=True)]
 
 
 def _request_batches(page: Page) -> np.ndarray:
     """The batch (its row in the page) of each of the page's requests."""
-    k = page.batches
-    return np.repeat(np.arange(k), page.ints[:k, PLAIN])
+    return np.repeat(np.arange(page.batches), page.ints[:, PLAIN])
 
 
 def page_usage_rows(page: Page, log: BatchLog) -> list[tuple]:
     """The page's usage_log rows, one per batch that had plain requests: `requests` as an
     object of columns (see usage_log), a column the same for every request stated once."""
-    k, end = page.batches, page.requests
-    if not end:
+    if not page.requests:
         return []
-    ints, times = page.ints[:k], page.times[:k]
-    arrival = page.arrival[:end]
+    ints, times, arrival = page.ints, page.times, page.arrival
     # whole microseconds: a third of the bytes of float milliseconds, and cheaper to write
     queue_us = ((times[_request_batches(page), DISPATCHED] - arrival) * 1e6 + 0.5).astype(np.int64)
     counts = ints[:, PLAIN]
@@ -370,15 +366,14 @@ def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
     tenant). A batch of one tenant whose requests all arrived in one minute (the common case)
     is summed whole, with numpy over its requests and one Python step; the requests of the
     other batches are grouped one by one."""
-    k, end = page.batches, page.requests
-    if not end:
+    if not page.requests:
         return
-    counts = page.ints[:k, PLAIN]
+    counts = page.ints[:, PLAIN]
     ran = np.flatnonzero(counts)
     n = counts[ran]
     starts = np.cumsum(counts)[ran] - n
     ints, times = page.ints[ran], page.times[ran]
-    arrival = page.arrival[:end]
+    arrival = page.arrival
     epoch = times[:, DONE_AT] - times[:, DONE]  # perf_counter seconds to epoch seconds
     minute = (np.minimum.reduceat(arrival, starts) + epoch).astype(np.int64) // 60
     last = (np.maximum.reduceat(arrival, starts) + epoch).astype(np.int64) // 60
@@ -386,9 +381,9 @@ def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
     arrived = np.add.reduceat(arrival, starts)
     batches = zip(
         whole.tolist(), (minute * 60).tolist(), ints[:, KEY].tolist(), ints[:, TENANT].tolist(),
-        n.tolist(), np.add.reduceat(page.status[:end] == 200, starts, dtype=np.int64).tolist(),
-        np.add.reduceat(page.items[:end], starts).tolist(),
-        np.add.reduceat(page.cost[:end], starts).tolist(), (times[:, COMPUTE_MS] * n).tolist(),
+        n.tolist(), np.add.reduceat(page.status == 200, starts, dtype=np.int64).tolist(),
+        np.add.reduceat(page.items, starts).tolist(), np.add.reduceat(page.cost, starts).tolist(),
+        (times[:, COMPUTE_MS] * n).tolist(),
         ((n * times[:, DISPATCHED] - arrived) * 1000).tolist(),
         ((n * times[:, DONE] - arrived) * 1000).tolist(), strict=True)
     for one, m, key, tenant, count, ok, items, cost, compute_ms, queue, total in batches:
@@ -439,12 +434,10 @@ def _rollup_requests(page: Page, log: BatchLog, acc: dict[tuple, list],
 
 def page_chunks(page: Page, log: BatchLog) -> list[UsageChunk]:
     """The page's usage with every record stated (spill files keep this)."""
-    k, end = page.batches, page.requests
-    arrival, cost = page.arrival[:end].tolist(), page.cost[:end].tolist()
-    items, status = page.items[:end].tolist(), page.status[:end].tolist()
+    arrival, cost = page.arrival.tolist(), page.cost.tolist()
+    items, status = page.items.tolist(), page.status.tolist()
     chunks, s = [], 0
-    for b, (i, t) in enumerate(zip(page.ints[:k].tolist(), page.times[:k].tolist(),
-                                   strict=True)):
+    for b, (i, t) in enumerate(zip(page.ints.tolist(), page.times.tolist(), strict=True)):
         n = i[PLAIN]
         if not n:
             continue

@@ -8,6 +8,7 @@ embedding in ASGI servers.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ LEDGER_FILE = "frugalserve-ledger.db"
 # A worker thread that finishes a batch waits for the GIL while the event loop parses requests;
 # the default 5 ms switch interval idles the engine for that long per batch.
 SWITCH_INTERVAL_S = 0.0005
+MAX_INTERVAL_S = 86400.0  # the longest poll, flush or refresh interval a server accepts
 
 
 @dataclass
@@ -56,12 +58,18 @@ class ServerSettings:
         if self.max_body_bytes < 1:
             raise ValueError(f"the request body limit must be positive, got {self.max_body_bytes}"
                              " bytes")
-        positive = {"poll interval": self.poll_interval_s, "flush interval": self.flush_interval_s,
-                    "admission refresh interval": self.admission_refresh_s,
-                    "budget safety factor": self.budget_safety}
-        for what, value in positive.items():
-            if value is not None and not value > 0:  # NaN too
-                raise ValueError(f"the {what} must be positive, got {value}")
+        # an interval of inf (or over threading.TIMEOUT_MAX) killed the ledger writer's thread
+        # with an OverflowError, and nothing was written until shutdown
+        intervals = {"poll interval": self.poll_interval_s,
+                     "flush interval": self.flush_interval_s,
+                     "admission refresh interval": self.admission_refresh_s}
+        for what, value in intervals.items():
+            if value is not None and not 0 < value <= MAX_INTERVAL_S:  # NaN too
+                raise ValueError(f"the {what} must be positive and at most {MAX_INTERVAL_S:g} s "
+                                 f"(a day), got {value}")
+        if not 0 < self.budget_safety < math.inf:
+            raise ValueError(f"the budget safety factor must be positive and finite, got "
+                             f"{self.budget_safety}")
 
     def resolved_ledger_url(self) -> str:
         if self.ledger_url:

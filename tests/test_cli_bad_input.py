@@ -19,6 +19,7 @@ CASES = [
     (["serve", "{tmp}/models", "--max-body-mb", "nan"], "--max-body-mb"),
     (["serve", "{tmp}/models", "--poll-interval", "-1"], "poll"),
     (["serve", "{tmp}/models", "--flush-interval", "0"], "flush interval must be positive"),
+    (["serve", "{tmp}/models", "--flush-interval", "inf"], "flush interval must be positive"),
     (["ledger", "prune", "--days", "0", "--ledger", "{db}"], "positive number of days"),
     (["ledger", "prune", "--days", "nan", "--ledger", "{db}"], "positive number of days"),
     (["budgets", "alerts", "--limit", "0", "--ledger", "{db}"], "at least 1"),
@@ -47,3 +48,14 @@ def test_bad_input_is_one_clear_message(tmp_path: Path, args: list[str], words: 
     assert "Traceback" not in result.output
     text = " ".join(result.output.split()).replace("│ ", "")
     assert words in text, text
+
+
+def test_serve_flush_interval_defaults_to_the_ledgers() -> None:
+    # the CLI states its default for --help without importing the ledger (SQLAlchemy) at start
+    import inspect
+
+    from frugalserve.cli import serve
+    from frugalserve.economics.ledger import FLUSH_INTERVAL_S
+
+    assert inspect.signature(serve).parameters["flush_interval"].default.default == \
+        FLUSH_INTERVAL_S

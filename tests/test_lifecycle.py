@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -89,6 +90,10 @@ def test_server_thread_start_reports_a_port_in_use(small_repo, tmp_path):
     ({"poll_interval_s": -1.0}, 0, "poll interval must be positive"),  # polled non-stop
     ({"max_body_bytes": -1}, 0, "body limit must be positive"),  # refused every body
     ({"budget_safety": -2.0}, 0, "budget safety factor must be positive"),  # reserved < 0
+    ({"budget_safety": math.inf}, 0, "budget safety factor must be positive and finite"),
+    # the ledger writer's thread died of an OverflowError, writing nothing until shutdown
+    ({"flush_interval_s": math.inf}, 0, "flush interval must be positive and at most 86400"),
+    ({"flush_interval_s": 1e12}, 0, "flush interval must be positive and at most 86400"),
 ])
 def test_settings_out_of_range_are_refused_before_serving(small_repo, kw, port, words):
     # `frugalserve serve` prints these ValueErrors as one "cannot start" line

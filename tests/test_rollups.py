@@ -269,6 +269,19 @@ def test_a_failed_write_keeps_its_rows_for_the_next_flush(tmp_path, monkeypatch)
     assert rows(url, "SELECT count(*), sum(cost_pusd) FROM batches") == [(2, 23)]
 
 
+def test_a_batch_the_writer_cannot_lay_out_as_columns_stays_pending(tmp_path):
+    """A cost beyond int64 pico-dollars cannot go into the batch log's columns: the flush says
+    it failed and keeps every record (taking them out first lost them, and killed the writer's
+    thread)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = _writer(url)
+    write_batch(writer, T0, "m", "1", [("acme", 1, 2**63, 200)], 1.5)
+    write_rejected(writer, T0, "m", "1", "globex")
+    assert not writer.flush()
+    assert writer.log.pending == 1 and writer.pending == 2
+    assert rows(url, "SELECT count(*) FROM usage_log") == [(0,)]
+
+
 def test_rows_that_cannot_be_written_at_shutdown_are_spilled_whole(tmp_path):
     """The last line of "nothing is ever dropped": this raised TypeError (SQLAlchemy's column
     names are a str subclass, which orjson refuses as keys) and lost the rows."""

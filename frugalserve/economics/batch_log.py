@@ -66,10 +66,17 @@ class BatchLog:
                               statuses, request_ids))
 
     def take(self) -> list[Page]:
-        """What was recorded so far, as one page (none when nothing was)."""
+        """What was recorded so far, as one page (none when nothing was). Records that cannot
+        be laid out as columns (a cost beyond int64) stay in the log and the error is raised."""
         queue = self._records
         records = [queue.popleft() for _ in range(len(queue))]
-        return [Page(records, self._tenant_code)] if records else []
+        if not records:
+            return []
+        try:
+            return [Page(records, self._tenant_code)]
+        except (OverflowError, TypeError, ValueError):
+            queue.extendleft(reversed(records))
+            raise
 
     def _tenant_code(self, tenant: str) -> int:
         code = self._codes.get(tenant)

@@ -586,12 +586,13 @@ class LedgerWriter:
 
     def flush(self) -> bool:
         """Write what is pending now; on failure put it back and say so."""
-        pages = self._unwritten + self.log.take()
+        pages = self._unwritten
         chunks = _drain(self._usage)
         heartbeat = time.monotonic() >= self._next_heartbeat
-        if not pages and not chunks and not heartbeat:
+        if not pages and not self.log.pending and not chunks and not heartbeat:
             return True
         try:
+            pages = pages + self.log.take()  # in the try: a record it cannot lay out is kept
             batch_rows = [row for page in pages for row in page_batch_rows(page, self.log)]
             usage_rows = [row for page in pages for row in page_usage_rows(page, self.log)]
             usage_rows += [c.row() for c in chunks]

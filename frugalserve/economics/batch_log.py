@@ -6,16 +6,19 @@
                dispatched, done, done_at, arrivals, costs, "acme")
     pages = log.take()  # the ledger writer, at each flush: numpy columns
 
-The loop appends one tuple per batch, holding the lists it made anyway (arrival times, cost
-shares); the writer drains them and lays them out as numpy columns (a Page), from which it
-makes rows and rollups over whole pages. Why this split: under load the hot path's every
-numpy call runs with cold caches, and writing a batch into preallocated arrays on the loop
-(six numpy calls) took about 1 % of the loop's samples in a py-spy profile; one append does
+The loop appends one tuple per batch: the cost shares it made anyway, and the arrival times
+copied into one array. Each arrival was a float object of its own, held until the flush and
+scattered among the loop's short-lived objects; the copy frees them at once. The writer drains
+the tuples and lays them out as numpy columns (a Page), from which it makes rows and rollups
+over whole pages. Why this split: under load the hot path's every numpy call runs with cold
+caches, and writing a batch into preallocated arrays on the loop (six numpy calls) took about
+1 % of the loop's samples in a py-spy profile; one append does
 not show (BENCHMARKS.md, "Metering cost: this session's steps").
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from itertools import chain
@@ -60,10 +63,11 @@ class BatchLog:
         """One batch: `requests` items rode in it, of which the plain ones (`arrivals`, their
         `costs`, `tenant` one str for all or one each, `items` None for one row each,
         `statuses` None for all 200) are its usage; usage_id is their chunk's id. The
-        sequences are kept as they are: the caller hands them over."""
+        arrivals are copied, the other sequences kept as they are: the caller hands them
+        over."""
         self._records.append((key, batch_id, usage_id, started_at, rows, requests, compute_ms,
-                              cost, dispatched, done, done_at, arrivals, costs, tenant, items,
-                              statuses, request_ids))
+                              cost, dispatched, done, done_at, array("d", arrivals), costs,
+                              tenant, items, statuses, request_ids))
 
     def take(self) -> list[Page]:
         """What was recorded so far, as one page (none when nothing was). Records that cannot
@@ -108,8 +112,8 @@ class Page:
              for r, n in zip(records, counts, strict=True)], np.int64).reshape(-1, 9)
         self.times = np.array([(r[3], r[6], r[8], r[9], r[10]) for r in records],
                               np.float64).reshape(-1, 5)
-        self.arrival = np.fromiter(chain.from_iterable(r[11] for r in records), np.float64,
-                                   self.requests)  # perf_counter seconds
+        # perf_counter seconds
+        self.arrival = np.frombuffer(b"".join([r[11] for r in records]), np.float64)
         self.cost = np.fromiter(chain.from_iterable(r[12] for r in records), np.int64,
                                 self.requests)  # pico-dollars
         self.items = np.ones(self.requests, np.int64)

@@ -33,6 +33,18 @@ def git_revision(repo: Path) -> str:
     return f"{rev} + uncommitted changes" if dirty not in ("", "unknown") else rev
 
 
+def source_at(repo: Path, revision: str, dest: Path) -> Path:
+    """The `frugalserve/` package of a git revision, extracted under dest (put dest on
+    PYTHONPATH to run it). SystemExit naming the revision when git cannot give it."""
+    git = subprocess.run(["git", "-C", str(repo), "archive", revision, "frugalserve"],
+                         capture_output=True)
+    if git.returncode:
+        raise SystemExit(f"--against {revision}: {git.stderr.decode().strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=git.stdout, check=True)
+    return dest
+
+
 def describe(repo: Path) -> dict[str, str | int]:
     return {
         "nproc": int(_version(["nproc"])),

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ import loadgen
 import report
 import servers
 import workloads
-from machine import git_revision
+from machine import git_revision, source_at
 from rich.console import Console
 from rich.table import Table
 
@@ -171,14 +170,7 @@ def comparison(control: bool, against: str | None, flush_against: float | None,
                           f"{flush_against:g} s", f"flushing every {default} is cheaper",
                           max(FLUSH_INTERVAL_S, flush_against))
     if against:
-        source = scratch / "against"
-        source.mkdir()
-        git = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "archive", against,
-                              "frugalserve"], capture_output=True)
-        if git.returncode:
-            raise SystemExit(f"--against {against}: {git.stderr.decode().strip()}")
-        archive = git.stdout
-        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        source = source_at(BENCHMARKS.parent, against, scratch / "against")
         return Comparison("metering-against", f" --against {against}",
                           servers.FRUGAL, servers.frugalserve_at(source, against),
                           f"both metered: HEAD on, {against} off",

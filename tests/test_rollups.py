@@ -88,6 +88,18 @@ def test_a_batch_of_one_tenant_in_one_minute_rolls_up_in_one_step_as_record_by_r
     assert abs(sum(r[12] for r in two) - row[12]) < 1e-6
 
 
+def test_the_log_keeps_its_own_copy_of_a_batchs_arrivals():
+    """The loop's list of arrival floats is not held until the flush: changing it after the
+    record leaves what the writer lays out as it was recorded."""
+    log = BatchLog()
+    arrivals = [9.0, 9.5, 9.75]
+    log.record(log.key("m", "1", None, "aws-c7i.large", "on_demand", 0.5), 100, 101, T0, 3, 3,
+               4.0, 30, 10.0, 10.5, T0 + 40.5, arrivals, [10] * 3, "acme")
+    arrivals[:] = [0.0, 0.0, 0.0]
+    [page] = log.take()
+    assert page.arrival.tolist() == [9.0, 9.5, 9.75]
+
+
 def test_a_batch_whose_arrivals_span_two_minutes_is_split_between_them():
     # answered at T0 + 40.5 s (minute + 60.5 s): arrivals 1.5 s and 0.25 s before the answer
     [early, late] = _rollup((9.0, 10.25), ("acme", "acme"))

@@ -8,7 +8,8 @@
 
 The loop appends one tuple per batch: the cost shares it made anyway, and the arrival times
 copied into one array. Each arrival was a float object of its own, held until the flush and
-scattered among the loop's short-lived objects; the copy frees them at once. The writer drains
+scattered among the loop's short-lived objects; the copy frees them at once (what that saves
+the loop is within the side-by-side bench's noise: BENCHMARKS.md, "session 7"). The writer drains
 the tuples and lays them out as numpy columns (a Page), from which it makes rows and rollups
 over whole pages. Why this split: under load the hot path's every numpy call runs with cold
 caches, and writing a batch into preallocated arrays on the loop (six numpy calls) took about

@@ -32,11 +32,19 @@ import time
 from datetime import date
 from pathlib import Path
 
+import uvloop
 import workloads
 from machine import git_revision, source_at
 from report import update_benchmarks_md
 from rich.console import Console
 from rich.table import Table
+
+# a worker imports these from the revision on its PYTHONPATH (--against), the parent from the
+# tree
+from frugalserve.app import ServerSettings, build_dataplane
+from frugalserve.progress import new_progress
+from frugalserve.protocols.v2_codec import decode_request
+from frugalserve.serving.batcher import Batch, Pending
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "out"
@@ -49,12 +57,6 @@ WORKERS = 3  # processes per source with --against, taken in turn
 def _measure(scratch: Path) -> dict[int, dict[str, float]]:
     """In this process (whichever frugalserve it imports): median µs of one _finish call per
     batch size, metered ("on") and not ("off")."""
-    import uvloop
-
-    from frugalserve.app import ServerSettings, build_dataplane
-    from frugalserve.protocols.v2_codec import decode_request
-    from frugalserve.serving.batcher import Batch, Pending
-
     digits = workloads.digits(OUT / "models")
     workload, body = digits.name, digits.body()
 
@@ -150,8 +152,6 @@ def main() -> int:
         sources[args.against] = source_at(ROOT, args.against, scratch / "against")
     runs: dict[str, list] = {label: [] for label in sources}
     workers = WORKERS if args.against else 1
-    from frugalserve.progress import new_progress
-
     with new_progress(console) as progress:
         task = progress.add_task("metered and unmetered _finish, in turn",
                                  total=workers * len(sources))

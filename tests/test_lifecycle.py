@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import support
 from conftest import DIGITS_CONFIG
 from ledger_support import rows as query
 
-from frugalserve.app import ServerThread
+from frugalserve.app import GC_YOUNG_THRESHOLD, SWITCH_INTERVAL_S, ServerThread
 from frugalserve.server_process import free_port
 
 
@@ -83,6 +84,17 @@ def test_server_thread_start_reports_a_port_in_use(small_repo, tmp_path):
             thread.start(timeout_s=60)
     finally:
         blocker.close()
+
+
+def test_a_started_server_sets_the_interpreter_up_for_serving(small_repo):
+    """Process-wide, so start() sets them: a short GIL switch interval, and a GC young threshold
+    above what the requests in flight hold (at the default 700 the young generation was
+    collected every ~100 requests under load, finding next to nothing)."""
+    gc.set_threshold(700, *gc.get_threshold()[1:])
+    sys.setswitchinterval(0.005)
+    with ServerThread(support.settings(small_repo, metering=False)):
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
 
 
 @pytest.mark.parametrize("kw,port,words", [

@@ -33,9 +33,9 @@ LEDGER_FILE = "frugalserve-ledger.db"
 SWITCH_INTERVAL_S = 0.0005
 # The cyclic GC collects its young generation every 700 net container allocations by default.
 # 64 requests in flight hold about that many, so under load it ran every ~100 requests, cost
-# the event loop 1.6 us of CPU a request and found about 2 objects a pass: a request's objects
-# die by reference counting. At 10,000 it ran twice in 194,000 requests (BENCHMARKS.md,
-# "session 7").
+# 1.6 us of CPU a request (mostly the event loop's) and freed fewer than 2 objects a pass: a
+# request's objects die by reference counting. At 10,000 it ran twice in 194,000 requests
+# (BENCHMARKS.md, "session 7").
 GC_YOUNG_THRESHOLD = 10_000
 MAX_INTERVAL_S = 86400.0  # the longest poll, flush or refresh interval a server accepts
 

@@ -92,6 +92,28 @@ def wait_quiet(cores: tuple[int, ...], threshold: float, max_wait_s: float) -> d
     return busy
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of a process's children (frugalserve's ledger writer process)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended
+            continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """process_cpu_seconds of a process and its children (those running now)."""
+    total = process_cpu_seconds(pid)
+    for child in children(pid):
+        try:
+            total += process_cpu_seconds(child)
+        except FileNotFoundError:  # it ended in between
+            continue
+    return total
+
+
 def process_cpu_seconds(pid: int, thread: int | None = None) -> float:
     """User + system CPU seconds of a process, all its threads included; or of one of its
     threads (`thread`: its native id; the main thread's is the pid)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from machine import process_cpu_seconds
+from machine import process_cpu_seconds, tree_cpu_seconds
 from workloads import Workload
 
 from frugalserve.server_process import free_port
@@ -199,9 +199,10 @@ class Running:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def cpu_seconds(self, main_thread: bool = False) -> float:
-        """The server's CPU seconds: all its threads, or its main (event loop) thread."""
+        """The server's CPU seconds: all its threads and child processes (the ledger writer's),
+        or its main (event loop) thread."""
         pid = self.process.pid
-        return process_cpu_seconds(pid, pid if main_thread else None)
+        return process_cpu_seconds(pid, pid) if main_thread else tree_cpu_seconds(pid)
 
     def counters(self) -> dict[str, float] | None:
         return self.server.counters(self.base_url) if self.server.counters else None

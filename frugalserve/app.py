@@ -49,6 +49,7 @@ class ServerSettings:
     poll_interval_s: float | None = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     flush_interval_s: float = FLUSH_INTERVAL_S
+    ledger_process: bool = True  # write the ledger from a child process (ledger_process.py)
     retention_days: float | None = 30.0  # raw usage/batch rows; rollups are kept (None: all)
     # API keys: None (auto) = anonymous requests allowed while the ledger holds no active key;
     # True = always (a trusted network); False = never. Admin routes follow the same rule.
@@ -92,7 +93,8 @@ def build_dataplane(settings: ServerSettings) -> DataPlane:
         engine = open_engine(settings.resolved_ledger_url())
         ledger = LedgerWriter(engine, settings.flush_interval_s,
                               spill_dir=Path(settings.repository).resolve().parent,
-                              retention_days=settings.retention_days)
+                              retention_days=settings.retention_days,
+                              in_child=settings.ledger_process)
     return DataPlane(repository, RateCard.load(settings.rate_card),
                      build_admission(settings, ledger), ledger, settings.poll_interval_s)
 

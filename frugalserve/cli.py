@@ -42,6 +42,10 @@ def serve(
     flush_interval: float = typer.Option(2.0, help="Seconds between ledger writes: a crash "
                                          "loses at most this much usage (a clean shutdown "
                                          "writes everything)."),
+    ledger_process: bool = typer.Option(True, "--ledger-process/--ledger-thread", help="Write "
+                                        "the ledger from a child process (off the server's "
+                                        "GIL: metering leaves tail latency alone) or from a "
+                                        "thread of the server."),
     log_level: str = typer.Option("info", help="Log level."),
     allow_anonymous: bool = typer.Option(None, "--allow-anonymous/--require-key", help="Accept "
                                          "requests without an API key (default: only while "
@@ -66,7 +70,8 @@ def serve(
     settings = ServerSettings(repository, ledger, rate_card, metering, poll_interval or None,
                               int(max_body_mb * 1024 * 1024), allow_anonymous=allow_anonymous,
                               trust_tenant_header=trust_tenant_header, budgets_file=budgets,
-                              alert_webhook=alert_webhook, flush_interval_s=flush_interval)
+                              alert_webhook=alert_webhook, flush_interval_s=flush_interval,
+                              ledger_process=ledger_process)
     from sqlalchemy.exc import SQLAlchemyError
 
     from .economics.ratecard import RateCardError

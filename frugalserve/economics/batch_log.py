@@ -23,6 +23,7 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,6 +36,14 @@ ITEMS, STATUSES = 1, 2
 MIXED = -1  # Page.ints TENANT of a batch whose requests' tenants differ: see Page.tenant
 
 Key = tuple[str, str, str, str, str, float]  # model, version, variant, device, pricing, share
+
+
+class Codes(NamedTuple):
+    """What the key and tenant codes of a log's pages stand for: what the page functions read
+    of a BatchLog, and all of it that another process needs to write the pages."""
+
+    keys: Sequence[Key]
+    tenants: Sequence[str]
 
 
 class BatchLog:
@@ -82,6 +91,10 @@ class BatchLog:
         except (OverflowError, TypeError, ValueError):
             queue.extendleft(reversed(records))
             raise
+
+    def codes(self) -> Codes:
+        """A copy of the codes as they stand (after a take: every code its pages hold)."""
+        return Codes(tuple(self.keys), tuple(self.tenants))
 
     def _tenant_code(self, tenant: str) -> int:
         code = self._codes.get(tenant)

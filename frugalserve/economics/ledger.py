@@ -41,6 +41,7 @@ from sqlalchemy import (
     column,
     create_engine,
     event,
+    select,
     table,
     text,
 )
@@ -64,6 +65,7 @@ from .batch_log import (
     TENANT,
     USAGE_ID,
     BatchLog,
+    Codes,
     Page,
 )
 
@@ -316,7 +318,7 @@ class UsageChunk:
 # one per request (but for the spill, which states every record).
 
 
-def page_batch_rows(page: Page, log: BatchLog) -> list[BatchRecord]:
+def page_batch_rows(page: Page, log: BatchLog | Codes) -> list[BatchRecord]:
     """The page's `batches` rows."""
     return [(i[BATCH_ID], t[STARTED_AT], *log.keys[i[KEY]], i[ROWS], i[REQUESTS],
              t[COMPUTE_MS], i[COST])
@@ -328,7 +330,7 @@ def _request_batches(page: Page) -> np.ndarray:
     return np.repeat(np.arange(page.batches), page.ints[:, PLAIN])
 
 
-def page_usage_rows(page: Page, log: BatchLog) -> list[tuple]:
+def page_usage_rows(page: Page, log: BatchLog | Codes) -> list[tuple]:
     """The page's usage_log rows, one per batch that had plain requests: `requests` as an
     object of columns (see usage_log), a column the same for every request stated once."""
     if not page.requests:
@@ -361,7 +363,7 @@ def page_usage_rows(page: Page, log: BatchLog) -> list[tuple]:
     return rows
 
 
-def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
+def page_rollup_into(page: Page, log: BatchLog | Codes, acc: dict[tuple, list]) -> None:
     """Add the page's requests to usage rollup sums by (minute, model, version, variant,
     tenant). A batch of one tenant whose requests all arrived in one minute (the common case)
     is summed whole, with numpy over its requests and one Python step; the requests of the
@@ -394,12 +396,12 @@ def page_rollup_into(page: Page, log: BatchLog, acc: dict[tuple, list]) -> None:
         _rollup_requests(page, log, acc, np.flatnonzero(np.repeat(~whole, n)))
 
 
-def _head(log: BatchLog, key: int) -> tuple[str, str, str]:
+def _head(log: BatchLog | Codes, key: int) -> tuple[str, str, str]:
     model, version, variant = log.keys[key][:3]
     return model, version, variant or REF
 
 
-def _rollup_requests(page: Page, log: BatchLog, acc: dict[tuple, list],
+def _rollup_requests(page: Page, log: BatchLog | Codes, acc: dict[tuple, list],
                      chosen: np.ndarray) -> None:
     """Add some of the page's requests (their places) to usage rollup sums request by request:
     sorted by key, summed per run of equal keys."""
@@ -432,7 +434,7 @@ def _rollup_requests(page: Page, log: BatchLog, acc: dict[tuple, list],
              (n, ok, n - ok, items, cost, compute_ms, queue, total))
 
 
-def page_chunks(page: Page, log: BatchLog) -> list[UsageChunk]:
+def page_chunks(page: Page, log: BatchLog | Codes) -> list[UsageChunk]:
     """The page's usage with every record stated (spill files keep this)."""
     arrival, cost = page.arrival.tolist(), page.cost.tolist()
     items, status = page.items.tolist(), page.status.tolist()
@@ -459,6 +461,15 @@ def page_chunks(page: Page, log: BatchLog) -> list[UsageChunk]:
 
 def open_engine(url: str) -> Engine:
     """An engine with the schema in place; SQLite files get WAL so readers never block writes."""
+    engine = connect(url)
+    from .migrations import upgrade
+
+    upgrade(engine)
+    return engine
+
+
+def connect(url: str) -> Engine:
+    """An engine on a ledger whose schema is in place (see open_engine)."""
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name not in ("sqlite", "postgresql"):
         raise ValueError(f"ledger URL {url!r}: only SQLite and PostgreSQL are supported")
@@ -471,9 +482,6 @@ def open_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
-    from .migrations import upgrade
-
-    upgrade(engine)
     return engine
 
 
@@ -514,7 +522,8 @@ class LedgerWriter:
 
     def __init__(self, engine: Engine, flush_interval_s: float = FLUSH_INTERVAL_S,
                  spill_dir: Path | None = None, retention_days: float | None = None,
-                 prune_interval_s: float = 3600.0):
+                 prune_interval_s: float = 3600.0, in_child: bool = False):
+        """in_child: write in a child process (ledger_process), off this process's GIL."""
         self.engine = engine
         self.flush_interval_s = flush_interval_s
         self.spill_dir = spill_dir or Path.cwd()
@@ -527,6 +536,13 @@ class LedgerWriter:
         self.log = BatchLog()  # batches and their plain requests, from the event loop
         self._usage: deque[UsageChunk] = deque()  # the rest: rejects, cascade flows
         self._unwritten: list[Page] = []  # taken from the log, not yet written
+        self._unsure = False  # the last write failed: some of it may be in the ledger
+        self._child = None
+        if in_child:
+            from .ledger_process import LedgerProcess
+
+            self._child = LedgerProcess(engine.url.render_as_string(hide_password=False),
+                                        flush_interval_s)
         self.replica_id = _register_replica(engine)
         self._next_id = (self.replica_id << 40) + 1
         self._stop = threading.Event()
@@ -548,6 +564,8 @@ class LedgerWriter:
         return len(self._usage) + self.log.pending + sum(p.batches for p in self._unwritten)
 
     def start(self) -> None:
+        if self._child is not None:
+            self._child.start()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 
@@ -564,6 +582,8 @@ class LedgerWriter:
                 self._spill()
                 break
             time.sleep(0.2)
+        if self._child is not None:
+            self._child.close()
         try:
             with self.engine.begin() as conn:
                 now = time.time()
@@ -593,14 +613,13 @@ class LedgerWriter:
             return True
         try:
             pages = pages + self.log.take()  # in the try: a record it cannot lay out is kept
-            batch_rows = [row for page in pages for row in page_batch_rows(page, self.log)]
-            usage_rows = [row for page in pages for row in page_usage_rows(page, self.log)]
-            usage_rows += [c.row() for c in chunks]
-            minutes = rollup_usage(chunks, pages, self.log)
-            upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
-                       *rollup_batches(batch_rows, self.replica_id))
-            _write(self.engine, ((batches, batch_rows), (usage_log, usage_rows)),
-                   upserts, (time.time(), self.replica_id) if heartbeat else None)
+            seen = (time.time(), self.replica_id) if heartbeat else None
+            if self._child is not None:
+                self._child.write(self.log.codes(), self.replica_id, pages, chunks, seen,
+                                  self._unsure)
+            else:
+                write_flush(self.engine, self.log, self.replica_id, pages, chunks, seen,
+                            self._unsure)
             if heartbeat:
                 self._next_heartbeat = time.monotonic() + HEARTBEAT_S
         except Exception as exc:  # noqa: BLE001 - any database failure: keep the rows, retry
@@ -608,8 +627,10 @@ class LedgerWriter:
             log.warning("ledger write of %d batches and chunks failed, will retry: %s", rows, exc)
             self._unwritten = pages
             self._usage.extendleft(reversed(chunks))
+            self._unsure = True
             return False
         self._unwritten = []
+        self._unsure = False
         return True
 
     def _spill(self) -> None:
@@ -630,6 +651,43 @@ class LedgerWriter:
 
 
 HEARTBEAT_S = 30.0  # how often a writer stamps replicas.last_seen_at
+
+
+def write_flush(engine: Engine, codes: BatchLog | Codes, replica_id: int, pages: list[Page],
+                chunks: list[UsageChunk], seen: tuple[float, int] | None = None,
+                recheck: bool = False) -> None:
+    """One flush: the pages' batch and usage rows, the chunks, their rollups and the
+    heartbeat `seen`, in one transaction. recheck: an earlier try failed, and its commit may
+    have taken all the same (a connection lost at commit, a writer process that died after
+    it): what is in the ledger already is left out, so that nothing is written twice."""
+    if recheck:
+        pages, chunks = _not_written(engine, pages, chunks)
+    batch_rows = [row for page in pages for row in page_batch_rows(page, codes)]
+    usage_rows = [row for page in pages for row in page_usage_rows(page, codes)]
+    usage_rows += [c.row() for c in chunks]
+    minutes = rollup_usage(chunks, pages, codes)
+    upserts = ((usage_rollup, minutes), (usage_rollup_hourly, rollup_hours(minutes)),
+               *rollup_batches(batch_rows, replica_id))
+    _write(engine, ((batches, batch_rows), (usage_log, usage_rows)), upserts, seen)
+
+
+def _not_written(engine: Engine, pages: list[Page],
+                 chunks: list[UsageChunk]) -> tuple[list[Page], list[UsageChunk]]:
+    """The pages and chunks not in the ledger. A try writes all it has in one transaction, so
+    a page is in when its first batch is."""
+    firsts = [int(page.ints[0, BATCH_ID]) for page in pages]
+    with engine.connect() as conn:
+        have = _present(conn, batches, firsts) | _present(conn, usage_log, [c.id for c in chunks])
+    return ([page for page, first in zip(pages, firsts, strict=True) if first not in have],
+            [c for c in chunks if c.id not in have])
+
+
+def _present(conn, table: Table, ids: list[int], step: int = 500) -> set[int]:
+    found: set[int] = set()
+    for i in range(0, len(ids), step):
+        found.update(conn.execute(select(table.c.id).where(table.c.id.in_(ids[i:i + step])))
+                     .scalars())
+    return found
 
 
 def _write(engine: Engine, work: tuple[tuple[Table, list], ...],
@@ -729,7 +787,7 @@ def _upsert_sql(table: Table, mark: str = "?") -> str:
 
 
 def rollup_usage(chunks: list[UsageChunk], pages: list[Page] = (),
-                 log: BatchLog | None = None) -> list[tuple]:
+                 log: BatchLog | Codes | None = None) -> list[tuple]:
     """usage_rollup rows for some chunks and batch log pages (of `log`): one per (minute, model,
     version, variant, tenant), sorted by key (concurrent writers then lock rows in one order:
     no deadlocks)."""

@@ -78,7 +78,10 @@ def one_round(running: dict[str, servers.Running], first: str, script: Path,
         thread.start()
     for thread in threads:
         thread.join()
-    time.sleep(flush_s + 0.2)  # the writers' last flush of the round: in its CPU
+    # the writers' last flush of the round, in its CPU: a write the round held back (the
+    # ledger's child process idles while its core is busy) goes once the core is free, and
+    # the round's last records with the flush after it
+    time.sleep(2 * flush_s + 0.2)
     for key, result in results.items():
         if result.non_2xx or result.socket_errors:
             raise RuntimeError(f"metering {key}: failed requests in the run")

@@ -281,17 +281,25 @@ def test_a_failed_write_keeps_its_rows_for_the_next_flush(tmp_path, monkeypatch)
     assert rows(url, "SELECT count(*), sum(cost_pusd) FROM batches") == [(2, 23)]
 
 
-def test_a_batch_the_writer_cannot_lay_out_as_columns_stays_pending(tmp_path):
-    """A cost beyond int64 pico-dollars cannot go into the batch log's columns: the flush says
-    it failed and keeps every record (taking them out first lost them, and killed the writer's
-    thread)."""
+def test_a_batch_the_ledger_cannot_hold_is_set_aside_and_the_rest_written(tmp_path):
+    """A cost beyond int64 pico-dollars cannot go into the batch log's columns (nor the
+    ledger's BIGINT): that record is set aside and written to a file at shutdown, and the
+    records around it reach the ledger (it used to hold every flush back, and at shutdown
+    the spill raised and lost them all)."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    writer = _writer(url)
-    write_batch(writer, T0, "m", "1", [("acme", 1, 2**63, 200)], 1.5)
+    writer = LedgerWriter(open_engine(url), flush_interval_s=3600, spill_dir=tmp_path)
+    write_batch(writer, T0, "m", "1", [("acme", 1, 3, 200)], 1.5)
+    huge = write_batch(writer, T0, "m", "1", [("acme", 1, 2**63, 200)], 1.5)
+    write_batch(writer, T0, "m", "1", [("globex", 1, 4, 200)], 1.5)
     write_rejected(writer, T0, "m", "1", "globex")
-    assert not writer.flush()
-    assert writer.log.pending == 1 and writer.pending == 2
-    assert rows(url, "SELECT count(*) FROM usage_log") == [(0,)]
+    assert writer.flush()
+    assert writer.pending == 0 and len(writer.log.unwritable) == 1
+    writer.close()
+    assert rows(url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(3, 7)]
+    [aside] = tmp_path.glob("ledger-unwritable-*.json")
+    [doc] = orjson.loads(aside.read_bytes())
+    assert doc["batch_id"] == huge and doc["cost"] == 2**63 and doc["costs"] == [2**63]
+    assert doc["key"][:2] == ["m", "1"]
 
 
 def test_rows_that_cannot_be_written_at_shutdown_are_spilled_whole(tmp_path):

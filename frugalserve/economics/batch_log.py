@@ -19,6 +19,7 @@ not show (BENCHMARKS.md, "Metering cost: this session's steps").
 
 from __future__ import annotations
 
+import logging
 from array import array
 from collections import deque
 from collections.abc import Sequence
@@ -36,6 +37,12 @@ ITEMS, STATUSES = 1, 2
 MIXED = -1  # Page.ints TENANT of a batch whose requests' tenants differ: see Page.tenant
 
 Key = tuple[str, str, str, str, str, float]  # model, version, variant, device, pricing, share
+RECORD_FIELDS = ("key", "batch_id", "usage_id", "started_at", "rows", "requests", "compute_ms",
+                 "cost", "dispatched", "done", "done_at", "arrivals", "costs", "tenant", "items",
+                 "statuses", "request_ids")  # of a record(), in order
+_LAYOUT_ERRORS = (OverflowError, TypeError, ValueError)
+
+log = logging.getLogger("frugalserve.ledger")
 
 
 class Codes(NamedTuple):
@@ -55,6 +62,7 @@ class BatchLog:
         self.tenants: list[str] = []  # by code; the writer's alone, as is _codes
         self._codes: dict[str, int] = {}
         self._records: deque[tuple] = deque()  # append and popleft are atomic under the GIL
+        self.unwritable: list[tuple] = []  # records no page can hold (see take)
 
     def key(self, model: str, version: str, variant: str, device: str, pricing: str,
             share: float) -> int:
@@ -80,17 +88,35 @@ class BatchLog:
                               tenant, items, statuses, request_ids))
 
     def take(self) -> list[Page]:
-        """What was recorded so far, as one page (none when nothing was). Records that cannot
-        be laid out as columns (a cost beyond int64) stay in the log and the error is raised."""
+        """What was recorded so far, as one page (none when nothing was). A record that cannot
+        be laid out as columns (a cost beyond int64 pico-dollars, which no rate card price
+        allows short of a 92-hour batch) is set aside in `unwritable`, not left to stop the
+        others: the ledger's columns could never hold it."""
         queue = self._records
         records = [queue.popleft() for _ in range(len(queue))]
         if not records:
             return []
         try:
             return [Page(records, self._tenant_code)]
-        except (OverflowError, TypeError, ValueError):
-            queue.extendleft(reversed(records))
-            raise
+        except _LAYOUT_ERRORS:
+            fit = [r for r in records if self._fits(r)]
+            return [Page(fit, self._tenant_code)] if fit else []
+
+    def _fits(self, record: tuple) -> bool:
+        try:
+            Page([record], self._tenant_code)
+        except _LAYOUT_ERRORS as exc:
+            self.unwritable.append(record)
+            log.error("batch %d of %s set aside: it cannot be laid out as the ledger's columns "
+                      "(%s); it is written to a file at shutdown", record[1],
+                      "/".join(map(str, self.keys[record[0]][:3])), exc)
+            return False
+        return True
+
+    def unwritable_docs(self) -> list[dict]:
+        """The records set aside, each as a JSON-ready mapping (its key spelled out)."""
+        return [{**dict(zip(RECORD_FIELDS, r, strict=True)), "key": self.keys[r[0]],
+                 "arrivals": list(r[11])} for r in self.unwritable]
 
     def codes(self) -> Codes:
         """A copy of the codes as they stand (after a take: every code its pages hold)."""

@@ -9,6 +9,7 @@ beside the database (or the working directory).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -582,6 +583,8 @@ class LedgerWriter:
                 self._spill()
                 break
             time.sleep(0.2)
+        if self.log.unwritable:
+            self._set_aside()
         if self._child is not None:
             self._child.close()
         try:
@@ -632,6 +635,15 @@ class LedgerWriter:
         self._unwritten = []
         self._unsure = False
         return True
+
+    def _set_aside(self) -> None:
+        """Records the ledger's columns cannot hold, written whole to a JSON file beside where
+        spills go: out of the ledger, yet not lost."""
+        path = self.spill_dir / f"ledger-unwritable-{int(time.time())}.json"
+        path.write_text(json.dumps(self.log.unwritable_docs(), indent=1))
+        log.error("%d batch records cost more than the ledger can hold (int64 pico-dollars); "
+                  "written to %s", len(self.log.unwritable), path)
+        self.log.unwritable = []
 
     def _spill(self) -> None:
         path = self.spill_dir / f"ledger-spill-{int(time.time())}.jsonl"

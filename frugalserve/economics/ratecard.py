@@ -17,6 +17,10 @@ from typing import Any
 import yaml
 
 PRICING_BASES = ("on_demand", "spot", "on_prem")
+# A rack-scale system rents for hundreds of dollars an hour. The ledger keeps a batch's cost in
+# int64 pico-dollars ($9.2 million): under this cap only a batch computing for over 92 hours
+# could pass it, where a price typed a thousand times too high would have in hours.
+MAX_USD_PER_HOUR = 100_000
 HOURS_PER_YEAR = Decimal(8760)
 
 _ON_PREM_KEYS = {"purchase_usd", "lifetime_years", "hours_per_year", "watts",
@@ -175,7 +179,7 @@ def _parse_device(key: str, raw: object, origin: str,
     peak = raw.get("peak_flops")
     watts = float(_money(raw.get("watts", 0), f"{where}.watts", "a number of watts"))
     on_prem = raw.get("on_prem")
-    return DevicePrice(
+    device = DevicePrice(
         key=key,
         kind=str(raw.get("kind", "cpu")),
         description=str(raw.get("description", key)),
@@ -189,6 +193,13 @@ def _parse_device(key: str, raw: object, origin: str,
         on_prem=(None if on_prem is None
                  else _parse_on_prem(on_prem, on_prem_defaults, watts, where)),
     )
+    given = {"on_demand": on_demand, "spot": spot, "on_prem": on_prem}
+    for pricing in PRICING_BASES:
+        price = None if given[pricing] is None else device.usd_per_hour(pricing)
+        if price is not None and price > MAX_USD_PER_HOUR:
+            raise RateCardError(f"{where}: {pricing} ${price}/h is over ${MAX_USD_PER_HOUR:,}/h, "
+                                "more than any device costs (a typo?)")
+    return device
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def main() -> int:
 
 
 # loop: the main thread (the event loop); the rest of a server's CPU is its other threads
-# (engine workers, and with metering on the ledger writer)
+# (engine workers, and with metering on the ledger writer's) and its ledger writer process
 # batch: requests per batch (one row each), from the server's /metrics; a server whose
 # batches are smaller pays the per-batch work over fewer requests
 # first: the server in the first place (started first, its load started first each round)
@@ -310,9 +310,9 @@ def _publish(rounds: list[dict[str, float]], cost: float, compared: Comparison,
         f"single-sample JSON; frugalserve "
         f"{git_revision(BENCHMARKS.parent)}). Why side by side: see the module docstring.",
         "- Cost of a round: 1 - (off CPU µs/req) / (on CPU µs/req), each server's CPU time "
-        "(all its threads, the ledger writer's included) over the requests it served. Loop: "
+        "(all its threads and its ledger writer process) over the requests it served. Loop: "
         "the main thread's (the event loop's) share of it; the rest is the other threads "
-        "(engine worker; ledger writer).",
+        "(engine worker; ledger writer) and the ledger writer process.",
         f"- Chart: `bench/out/{chart.name}`",
         "",
         f"| {' | '.join(HEADER)} |",

@@ -124,18 +124,27 @@ def frugalserve_at(source: Path, label: str) -> Server:
     return Server(f"frugalserve-{label}", f"frugalserve {label}", prepare, _frugalserve_counters)
 
 
-def frugalserve_flushing(interval_s: float) -> Server:
-    """Metered frugalserve whose ledger writer flushes every `interval_s` seconds."""
+def frugalserve_with(options: list[str], name: str, label: str) -> Server:
+    """Metered frugalserve started with more `serve` options."""
     metered = _frugalserve(metering=True)
 
     def prepare(workload: Workload, port: int, scratch: Path) -> Launch:
         launch = metered(workload, port, scratch)
-        return Launch([*launch.argv, "--flush-interval", str(interval_s)], launch.env)
+        return Launch([*launch.argv, *options], launch.env)
 
-    return Server(f"frugalserve-flush-{interval_s:g}", f"frugalserve flushing every "
-                  f"{interval_s:g} s", prepare, _frugalserve_counters)
+    return Server(name, label, prepare, _frugalserve_counters)
 
 
+def frugalserve_flushing(interval_s: float) -> Server:
+    """Metered frugalserve whose ledger writer flushes every `interval_s` seconds."""
+    return frugalserve_with(["--flush-interval", str(interval_s)],
+                            f"frugalserve-flush-{interval_s:g}",
+                            f"frugalserve flushing every {interval_s:g} s")
+
+
+# metered, its ledger written from a thread of the server rather than a child process
+FRUGAL_LEDGER_THREAD = frugalserve_with(["--ledger-thread"], "frugalserve-ledger-thread",
+                                        "frugalserve, ledger thread")
 NAIVE = Server("naive", "naive FastAPI", _naive)
 MLSERVER = Server("mlserver", "MLServer", _mlserver)
 BARE = Server("bare", "bare ASGI", _bare)

@@ -40,6 +40,9 @@ SERVERS = (servers.FRUGAL, servers.FRUGAL_LEDGER_THREAD, servers.FRUGAL_OFF)
 OUT = Path(__file__).resolve().parent / "out"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 CHART = OUT / "tail_latency.png"
+SHORT = {servers.FRUGAL.label: "metered,\nledger process",
+         servers.FRUGAL_LEDGER_THREAD.label: "metered,\nledger thread",
+         servers.FRUGAL_OFF.label: "metering off"}
 HEADER = ("server", "conns", "req/s", "p50 ms", "p99 ms", "p99 / unmetered p99", "p99 range")
 
 
@@ -102,7 +105,7 @@ def chart(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(CONNECTIONS), figsize=(8, 3.2))
     for ax, conns in zip(axes, CONNECTIONS, strict=True):
         mine = [r for r in table if r["conns"] == conns]
-        names = [r["server"].replace("frugalserve", "fs").replace(", ", "\n") for r in mine]
+        names = [SHORT[r["server"]] for r in mine]
         ax.bar(names, [r["p99"] for r in mine], color=["#4878a8", "#dd8452", "#55a868"],
                label="p99 (median of runs)")
         ax.errorbar(names, [r["p99"] for r in mine], fmt="none", ecolor="black",

@@ -1,8 +1,9 @@
 """The ledger: usage and batch records in SQL, written in batches off the hot path.
 
 SQLite (WAL) by default, PostgreSQL by URL; the same schema on both. The hot path records a
-batch in the batch log or appends a chunk to a deque, nothing more; a writer thread inserts
-what accumulated every `flush_interval_s`, and nothing is ever dropped: a failed write is
+batch in the batch log or appends a chunk to a deque, nothing more; a writer thread takes what
+accumulated every `flush_interval_s` and writes it (`write_flush`), itself or through a child
+process (`ledger_process`, what a server does), and nothing is ever dropped: a failed write is
 retried, and rows that still cannot be written at shutdown are spilled to a JSON-lines file
 beside the database (or the working directory).
 """

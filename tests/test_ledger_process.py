@@ -154,3 +154,17 @@ def test_without_leave_to_hurry_it_the_child_runs_at_a_low_nice_not_idle(tmp_pat
     finally:
         writer.close()
     assert rows(url, "SELECT count(*) FROM usage") == [(1,)]
+
+
+def test_the_ledger_url_reaches_the_child_off_its_command_line(pg_url):
+    """A URL's password must not show in `ps`: the child reads the URL on its stdin."""
+    url = pg_url.replace("postgres@", "postgres:s3cret-word@")  # trust auth ignores it
+    writer = _child_writer(url)
+    try:
+        write_batch(writer, T0, "m", "1", [("acme", 1, 11, 200)], 1.5)
+        assert writer.flush()
+        cmdline = open(f"/proc/{writer._child.pid}/cmdline", "rb").read()  # noqa: SIM115
+        assert b"s3cret-word" not in cmdline and b"ledger_process" in cmdline
+    finally:
+        writer.close()
+    assert rows(url, "SELECT count(*) FROM usage") == [(1,)]

@@ -14,9 +14,9 @@ about 2 µs a batch) and keeps what it hands over until the child says it is wri
 that dies loses nothing, and a try whose outcome is unknown is checked before the next
 (ledger.write_flush, recheck).
 
-The child is `python -m frugalserve.economics.ledger_process URL`, pickled calls on its stdin
-and answers on its stdout: not multiprocessing, whose spawn re-runs the host program's main
-script in the child (a script without a main guard would start again there).
+The child is `python -m frugalserve.economics.ledger_process`, the ledger's URL then pickled
+calls on its stdin and answers on its stdout: not multiprocessing, whose spawn re-runs the
+host program's main script in the child (a script without a main guard would start again).
 """
 
 from __future__ import annotations
@@ -81,9 +81,11 @@ class LedgerProcess:
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
-        self._child = subprocess.Popen(
-            [sys.executable, "-m", __name__, self.url], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=env)
+        self._child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, env=env)
+        # on its stdin, not its command line, which any user can read (with the password)
+        pickle.dump(self.url, self._child.stdin)
+        self._child.stdin.flush()
         self._idle = _may_leave_idle() and _set_policy(self._child.pid, _IDLE)  # imports too
         if not self._idle:
             os.setpriority(os.PRIO_PROCESS, self._child.pid, _NICE)
@@ -146,8 +148,9 @@ def _set_policy(pid: int, policy: int | None) -> bool:
     return True
 
 
-def _serve(url: str) -> None:
-    """The child: write each flush it is sent, answer None or why it failed; end at EOF."""
+def _serve() -> None:
+    """The child: read the ledger's URL, then write each flush it is sent, answer None or why
+    it failed; end at EOF."""
     # The server stops on SIGINT or SIGTERM, flushes through this process, then closes it. A
     # terminal's Ctrl-C reaches the whole process group: it must not end a write midway.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,7 +158,7 @@ def _serve(url: str) -> None:
     calls = sys.stdin.buffer
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not break the pipe
-    engine = connect(url)
+    engine = connect(pickle.load(calls))
     while True:
         try:
             call = pickle.load(calls)
@@ -171,4 +174,4 @@ def _serve(url: str) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    _serve()

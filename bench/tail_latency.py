@@ -6,7 +6,7 @@ server, that work holds the GIL in bursts which the event loop waits behind, sev
 request; a lightly loaded server, whose batches hold one request each, has the most of it per
 request. A child process at idle priority (economics/ledger_process.py) gives the core back
 the moment a server thread wakes. The three servers run at once on core 0, each loaded alone in
-turn by wrk on core 1, at 1 and 64 connections, REPS times in a rotating order, with a pause of
+turn by wrk on core 1, at 1, 8 and 64 connections, REPS times in a rotating order, with a pause of
 two flush intervals after each load (a server's last flush of its load falls in the pause, not
 in the next server's load); the table has each server's medians.
 
@@ -35,7 +35,7 @@ from rich.table import Table
 from frugalserve.economics.ledger import FLUSH_INTERVAL_S
 from frugalserve.progress import new_progress
 
-CONNECTIONS = (1, 64)
+CONNECTIONS = (1, 8, 64)
 SERVERS = (servers.FRUGAL, servers.FRUGAL_LEDGER_THREAD, servers.FRUGAL_OFF)
 OUT = Path(__file__).resolve().parent / "out"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

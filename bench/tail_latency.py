@@ -5,11 +5,10 @@ A flush turns the batches of the last 2 s into rows and writes them. From a thre
 server, that work holds the GIL in bursts which the event loop waits behind, several times a
 request; a lightly loaded server, whose batches hold one request each, has the most of it per
 request. A child process at idle priority (economics/ledger_process.py) gives the core back
-the moment a server thread wakes; on a core with no idle time the thread writes instead
-(ledger.BUSY_CORE_S). The three servers run at once on core 0, each loaded alone in turn by
-wrk on core 1, at 1, 8 and 64 connections, REPS times in a rotating order, with a pause of two
-flush intervals after each load (a server's last flush of its load falls in the pause, not in
-the next server's load); the table has each server's medians.
+the moment a server thread wakes. The three servers run at once on core 0, each loaded alone
+in turn by wrk on core 1, at 1, 8 and 64 connections, REPS times in a rotating order, with a
+pause of two flush intervals after each load (a server's last flush of its load falls in the
+pause, not in the next server's load); the table has each server's medians.
 
 One command: `.venv/bin/python bench/tail_latency.py` (`--seconds`, `--reps`).
 """

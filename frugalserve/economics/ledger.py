@@ -540,7 +540,6 @@ class LedgerWriter:
         self._unwritten: list[Page] = []  # taken from the log, not yet written
         self._unsure = False  # the last write failed: some of it may be in the ledger
         self._child = None
-        self._thread_until = 0.0  # monotonic time until which the thread writes, not the child
         if in_child:
             from .ledger_process import LedgerProcess
 
@@ -619,10 +618,9 @@ class LedgerWriter:
         try:
             pages = pages + self.log.take()  # in the try: a record it cannot lay out is kept
             seen = (time.time(), self.replica_id) if heartbeat else None
-            if self._child is not None and time.monotonic() >= self._thread_until:
-                if self._child.write(self.log.codes(), self.replica_id, pages, chunks, seen,
-                                     self._unsure):
-                    self._thread_until = time.monotonic() + BUSY_CORE_S
+            if self._child is not None:
+                self._child.write(self.log.codes(), self.replica_id, pages, chunks, seen,
+                                  self._unsure)
             else:
                 write_flush(self.engine, self.log, self.replica_id, pages, chunks, seen,
                             self._unsure)
@@ -666,14 +664,6 @@ class LedgerWriter:
 
 
 HEARTBEAT_S = 30.0  # how often a writer stamps replicas.last_seen_at
-# A child process at idle priority takes nothing from a server with idle time on its core, and
-# at one connection that kept the p99 near an unmetered server's where a writer thread had
-# nearly quadrupled it. A saturated core has no idle time: the child's write waits, then runs
-# at normal priority in the scheduler's slices of milliseconds, and at 8 connections that
-# raised the p99 more than a thread's flush, which the GIL interleaves with the event loop every
-# 0.5 ms. So after a write the child had to be hurried through, the thread writes for this
-# long, then the child is tried again (BENCHMARKS.md, "tail latency").
-BUSY_CORE_S = 30.0
 
 
 def write_flush(engine: Engine, codes: BatchLog | Codes, replica_id: int, pages: list[Page],

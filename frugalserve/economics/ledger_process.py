@@ -48,9 +48,8 @@ class LedgerProcess:
         self._idle = False  # the child runs under SCHED_IDLE (see _may_leave_idle)
 
     def write(self, codes: Codes, replica_id: int, pages: list[Page], chunks: list[UsageChunk],
-              seen: tuple[float, int] | None, recheck: bool) -> bool:
-        """ledger.write_flush in the child; raises what made it fail. True when it had to be
-        hurried: the core had no idle time for it."""
+              seen: tuple[float, int] | None, recheck: bool) -> None:
+        """ledger.write_flush in the child; raises what made it fail."""
         child = self._child or self._start()
         try:
             pickle.dump((codes, replica_id, pages, chunks, seen, recheck), child.stdin,
@@ -67,7 +66,6 @@ class LedgerProcess:
             raise ConnectionError(f"the ledger writer process ended: {exc!r}") from None
         if failure is not None:
             raise RuntimeError(failure)
-        return hurried
 
     @property
     def pid(self) -> int | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -136,6 +138,32 @@ def test_a_write_that_waits_too_long_for_an_idle_core_is_hurried(tmp_path, monke
     finally:
         writer.close()
     assert rows(url, "SELECT count(*) FROM usage") == [(1,)]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE on this system")
+def test_a_child_starved_before_it_reads_a_large_flush_is_hurried_too(tmp_path):
+    """A starved child does not read its pipe, so sending a flush larger than the pipe's
+    buffer waits as long as the answer would: the patience runs from the send. A busy process
+    on the child's only core starves it for a minute unless it is hurried."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = _child_writer(url)
+    writer._child.start()
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(writer._child.pid, {core})
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 60\n"
+                                "while time.time() < end: pass"])
+    try:
+        os.sched_setaffinity(spinner.pid, {core})
+        writer._child.patience_s = 0.5
+        for i in range(3000):  # about 200 KB of columns: more than a pipe holds
+            write_batch(writer, T0 + i, "m", "1", [("acme", 1, 1, 200)], 0.5)
+        assert writer.flush()
+        assert spinner.poll() is None  # written while the core was still busy
+    finally:
+        spinner.kill()
+        spinner.wait()
+        writer.close()
+    assert rows(url, "SELECT count(*) FROM usage") == [(3000,)]
 
 
 def test_without_leave_to_hurry_it_the_child_runs_at_a_low_nice_not_idle(tmp_path, monkeypatch):

@@ -25,10 +25,10 @@ import logging
 import os
 import pickle
 import resource
-import select
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from .batch_log import Codes, Page
@@ -51,19 +51,24 @@ class LedgerProcess:
               seen: tuple[float, int] | None, recheck: bool) -> None:
         """ledger.write_flush in the child; raises what made it fail."""
         child = self._child or self._start()
+        hurry = None  # timed from the send: a starved child does not read, so a send waits too
+        if self._idle:
+            hurry = threading.Timer(self.patience_s, _set_policy, (child.pid, _NORMAL))
+            hurry.start()
         try:
             pickle.dump((codes, replica_id, pages, chunks, seen, recheck), child.stdin,
                         protocol=pickle.HIGHEST_PROTOCOL)
             child.stdin.flush()
-            hurried = self._idle and not select.select([child.stdout], [], [],
-                                                       self.patience_s)[0] \
-                and _set_policy(child.pid, _NORMAL)
             failure = pickle.load(child.stdout)
-            if hurried:
-                _set_policy(child.pid, _IDLE)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             self._end(kill=True)
             raise ConnectionError(f"the ledger writer process ended: {exc!r}") from None
+        finally:
+            if hurry is not None:
+                hurry.cancel()
+                hurry.join()  # a hurry that began is over
+        if hurry is not None and os.sched_getscheduler(child.pid) != _IDLE:
+            _set_policy(child.pid, _IDLE)  # it was hurried: idle again
         if failure is not None:
             raise RuntimeError(failure)
 

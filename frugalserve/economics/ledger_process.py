@@ -78,8 +78,7 @@ class LedgerProcess:
         return None if self._child is None else self._child.pid
 
     def start(self) -> None:
-        """Start the child now (its imports take a few hundred ms of CPU: better before
-        serving than during the first flush)."""
+        """Start the child now, before serving, and wait until it is ready."""
         if self._child is None:
             self._start()
 
@@ -89,9 +88,16 @@ class LedgerProcess:
         self._child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, env=env)
         # on its stdin, not its command line, which any user can read (with the password)
-        pickle.dump(self.url, self._child.stdin)
-        self._child.stdin.flush()
-        self._idle = _may_leave_idle() and _set_policy(self._child.pid, _IDLE)  # imports too
+        try:
+            pickle.dump(self.url, self._child.stdin)
+            self._child.stdin.flush()
+            # its imports take a few hundred ms of CPU: at normal priority, before serving; at
+            # idle priority under load they waited, then ran hurried inside a measured run
+            pickle.load(self._child.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            self._end(kill=True)
+            raise ConnectionError(f"the ledger writer process did not start: {exc!r}") from None
+        self._idle = _may_leave_idle() and _set_policy(self._child.pid, _IDLE)
         if not self._idle:
             os.setpriority(os.PRIO_PROCESS, self._child.pid, _NICE)
         return self._child
@@ -164,6 +170,8 @@ def _serve() -> None:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not break the pipe
     engine = connect(pickle.load(calls))
+    pickle.dump(None, answers)  # ready
+    answers.flush()
     while True:
         try:
             call = pickle.load(calls)

@@ -196,3 +196,18 @@ def test_the_ledger_url_reaches_the_child_off_its_command_line(pg_url):
     finally:
         writer.close()
     assert rows(url, "SELECT count(*) FROM usage") == [(1,)]
+
+
+def test_a_child_that_cannot_start_leaves_the_writing_to_the_thread(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = _child_writer(url)
+    monkeypatch.setattr(ledger_process.sys, "executable", "/bin/false")
+    writer.start()
+    monkeypatch.undo()
+    try:
+        assert writer._child is None
+        write_batch(writer, T0, "m", "1", [("acme", 1, 11, 200)], 1.5)
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert rows(url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(1, 11)]

@@ -567,7 +567,11 @@ class LedgerWriter:
 
     def start(self) -> None:
         if self._child is not None:
-            self._child.start()
+            try:
+                self._child.start()
+            except ConnectionError as exc:  # metering goes on: the thread writes
+                log.warning("%s; the ledger is written from a thread instead", exc)
+                self._child = None
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 

@@ -136,7 +136,8 @@ _CAP_SYS_NICE = 23
 def _may_leave_idle() -> bool:
     if _IDLE is None:
         return False
-    if resource.getrlimit(resource.RLIMIT_NICE)[0] in (resource.RLIM_INFINITY, *range(20, 41)):
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= 20:  # nice 0 is within 20 - soft
         return True
     try:
         status = Path("/proc/self/status").read_text()

@@ -198,10 +198,13 @@ def test_the_ledger_url_reaches_the_child_off_its_command_line(pg_url):
     assert rows(url, "SELECT count(*) FROM usage") == [(1,)]
 
 
-def test_a_child_that_cannot_start_leaves_the_writing_to_the_thread(tmp_path, monkeypatch):
+@pytest.mark.parametrize("python", ["/bin/false", "/nonexistent/python3"])
+def test_a_child_that_cannot_start_leaves_the_writing_to_the_thread(tmp_path, monkeypatch,
+                                                                     python):
+    """A child that exits at once, or a Python that is not there: metering goes on."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     writer = _child_writer(url)
-    monkeypatch.setattr(ledger_process.sys, "executable", "/bin/false")
+    monkeypatch.setattr(ledger_process.sys, "executable", python)
     writer.start()
     monkeypatch.undo()
     try:

@@ -620,7 +620,7 @@ class LedgerWriter:
         if not pages and not self.log.pending and not chunks and not heartbeat:
             return True
         try:
-            pages = pages + self.log.take()  # in the try: a record it cannot lay out is kept
+            pages = pages + self.log.take()
             seen = (time.time(), self.replica_id) if heartbeat else None
             if self._child is not None:
                 self._child.write(self.log.codes(), self.replica_id, pages, chunks, seen,

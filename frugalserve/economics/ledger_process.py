@@ -74,7 +74,7 @@ class LedgerProcess:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id; None before the first write."""
+        """The child's process id; None while none runs."""
         return None if self._child is None else self._child.pid
 
     def start(self) -> None:
@@ -85,21 +85,21 @@ class LedgerProcess:
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
-        self._child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, env=env)
-        # on its stdin, not its command line, which any user can read (with the password)
         try:
+            self._child = subprocess.Popen([sys.executable, "-m", __name__],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            # on its stdin, not its command line, which any user can read (with the password)
             pickle.dump(self.url, self._child.stdin)
             self._child.stdin.flush()
             # its imports take a few hundred ms of CPU: at normal priority, before serving; at
             # idle priority under load they waited, then ran hurried inside a measured run
             pickle.load(self._child.stdout)
+            self._idle = _may_leave_idle() and _set_policy(self._child.pid, _IDLE)
+            if not self._idle:
+                os.setpriority(os.PRIO_PROCESS, self._child.pid, _NICE)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             self._end(kill=True)
             raise ConnectionError(f"the ledger writer process did not start: {exc!r}") from None
-        self._idle = _may_leave_idle() and _set_policy(self._child.pid, _IDLE)
-        if not self._idle:
-            os.setpriority(os.PRIO_PROCESS, self._child.pid, _NICE)
         return self._child
 
     def _end(self, kill: bool) -> None:

@@ -27,6 +27,10 @@ from frugalserve.economics import ledger, ledger_process
 from frugalserve.economics.ledger import LedgerWriter, open_engine
 
 T0 = 1_790_000_000.0
+# a server that may move its child out of SCHED_IDLE runs it idle and hurries it; one that may
+# not (no CAP_SYS_NICE, RLIMIT_NICE 0) runs it at nice 10 and never hurries it
+MAY_IDLE = hasattr(os, "SCHED_IDLE") and ledger_process._may_leave_idle()
+needs_idle = pytest.mark.skipif(not MAY_IDLE, reason="this process may not leave SCHED_IDLE")
 
 
 def _child_writer(url: str) -> LedgerWriter:
@@ -102,8 +106,10 @@ def test_a_server_writes_its_ledger_from_an_idle_priority_child(artifacts, tmp_p
     try:
         child = server.dataplane.ledger._child
         assert child.pid is not None  # started with the server, before the first flush
-        if hasattr(os, "SCHED_IDLE"):
+        if MAY_IDLE:
             assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+        else:
+            assert os.getpriority(os.PRIO_PROCESS, child.pid) == ledger_process._NICE
         with httpx.Client(base_url=server.url) as client:
             answers = [client.post("/v2/models/digits/infer", json=support.json_body(
                 {"X": artifacts.X[i:i + 1]})).json() for i in range(20)]
@@ -115,7 +121,7 @@ def test_a_server_writes_its_ledger_from_an_idle_priority_child(artifacts, tmp_p
     assert rows(url, "SELECT count(*), sum(cost_pusd) FROM usage") == [(20, charged)]
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE on this system")
+@needs_idle
 def test_a_write_that_waits_too_long_for_an_idle_core_is_hurried(tmp_path, monkeypatch):
     """On a core that is never idle the child would starve: past its patience a write runs
     under the default policy, and the child idles again after it."""
@@ -140,7 +146,7 @@ def test_a_write_that_waits_too_long_for_an_idle_core_is_hurried(tmp_path, monke
     assert rows(url, "SELECT count(*) FROM usage") == [(1,)]
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE on this system")
+@needs_idle
 def test_a_child_starved_before_it_reads_a_large_flush_is_hurried_too(tmp_path):
     """A starved child does not read its pipe, so sending a flush larger than the pipe's
     buffer waits as long as the answer would: the patience runs from the send. A busy process

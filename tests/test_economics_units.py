@@ -218,7 +218,7 @@ def test_override_file_replaces_a_device_and_adds_one(tmp_path):
      "    peak_flops: .inf\n", "peak_flops must be a finite number"),
     # a price no device has: under it, a batch's cost fits the ledger's int64 pico-dollars
     ("devices:\n  x:\n    on_demand_usd_per_hour: '1'\n    spot_usd_per_hour: '250000'\n"
-     "    source: s\n    date: d\n", "spot $250000/h is over $100,000/h"),
+     "    source: s\n    date: d\n", "spot $250,000/h is over $100,000/h"),
     ("devices:\n  x:\n    source: s\n    date: d\n    on_prem: {purchase_usd: 1e12, "
      "lifetime_years: 1, electricity_usd_per_kwh: 0.1, pue: 1.2, source: s, date: d}\n",
      "on_prem $"),

@@ -193,12 +193,10 @@ def _parse_device(key: str, raw: object, origin: str,
         on_prem=(None if on_prem is None
                  else _parse_on_prem(on_prem, on_prem_defaults, watts, where)),
     )
-    given = {"on_demand": on_demand, "spot": spot, "on_prem": on_prem}
-    for pricing in PRICING_BASES:
-        price = None if given[pricing] is None else device.usd_per_hour(pricing)
-        if price is not None and price > MAX_USD_PER_HOUR:
-            raise RateCardError(f"{where}: {pricing} ${price}/h is over ${MAX_USD_PER_HOUR:,}/h, "
-                                "more than any device costs (a typo?)")
+    for pricing, given in zip(PRICING_BASES, (on_demand, spot, on_prem), strict=True):
+        if given is not None and device.usd_per_hour(pricing) > MAX_USD_PER_HOUR:
+            raise RateCardError(f"{where}: {pricing} ${device.usd_per_hour(pricing):,f}/h is over "
+                                f"${MAX_USD_PER_HOUR:,}/h, more than any device costs (a typo?)")
     return device
 
 

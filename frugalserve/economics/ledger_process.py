@@ -129,7 +129,7 @@ class LedgerProcess:
 # child could never be hurried, so it runs at nice _NICE instead.
 _IDLE = getattr(os, "SCHED_IDLE", None)
 _NORMAL = getattr(os, "SCHED_OTHER", None)
-_NICE = 10  # CFS weight 110 against a busy thread's 1024: a tenth of the core, several flushes' worth
+_NICE = 10  # CFS weight 110 against a busy thread's 1024: a tenth of the core, above a flush's need
 _CAP_SYS_NICE = 23
 
 
